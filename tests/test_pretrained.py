@@ -1,0 +1,77 @@
+import os
+
+import pytest
+from huggingface_hub import constants
+
+from ldm import pretrained
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    # the hub reads HF_HUB_OFFLINE once at import, so the constant is patched as well as the variable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path
+
+
+def test_offline_error_is_one_line_naming_the_file(offline):
+    models = offline / "models"
+    with pytest.raises(pretrained.WeightsNotFoundError) as info:
+        pretrained.resolve_weights("1.5", models_dir=str(models), cache_dir=str(offline / "cache"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"SD 1.5 weights not found: put v1-5-pruned-emaonly.safetensors in {models}/")
+    assert "--ckpt_path" in message and "huggingface.co/runwayml/stable-diffusion-v1-5" in message
+    assert "HF_HUB_OFFLINE" in message
+
+
+@pytest.mark.parametrize(
+    "version,filename",
+    [
+        ("2.0", "512-base-ema.safetensors"),
+        ("2.1", "v2-1_512-ema-pruned.safetensors"),
+        ("2.0-v", "768-v-ema.safetensors"),
+        ("2.1-v", "v2-1_768-ema-pruned.safetensors"),
+    ],
+)
+def test_sd2_offline_errors_name_their_file(offline, version, filename):
+    with pytest.raises(pretrained.WeightsNotFoundError, match=f"put {filename} in"):
+        pretrained.resolve_weights(version, models_dir=str(offline), cache_dir=str(offline / "cache"))
+
+
+def test_explicit_path_wins_over_models_folder(tmp_path):
+    (tmp_path / "v1-5-pruned-emaonly.safetensors").write_bytes(b"x")
+    mine = tmp_path / "mine.ckpt"
+    mine.write_bytes(b"x")
+    assert pretrained.resolve_weights("1.5", ckpt_path=str(mine), models_dir=str(tmp_path)) == str(mine)
+    with pytest.raises(pretrained.WeightsNotFoundError, match="--ckpt_path .*nope.ckpt does not exist"):
+        pretrained.resolve_weights("1.5", ckpt_path=str(tmp_path / "nope.ckpt"), models_dir=str(tmp_path))
+
+
+def test_models_folder_accepts_hub_mindone_and_diffusers_names(tmp_path):
+    for name in ("stable-diffusion-2-1-base", "sd_v2-1_base-7c8d09ce.ckpt", "v2-1_512-ema-pruned.ckpt"):
+        path = tmp_path / name
+        path.mkdir() if "." not in name else path.write_bytes(b"x")
+        assert pretrained.resolve_weights("2.1", models_dir=str(tmp_path)) == str(path)
+    (tmp_path / "v2-1_512-ema-pruned.safetensors").write_bytes(b"x")
+    assert pretrained.resolve_weights("2.1", models_dir=str(tmp_path)).endswith("v2-1_512-ema-pruned.safetensors")
+
+
+def test_tiny_needs_no_download(tmp_path):
+    (tmp_path / "tiny-sd").mkdir()
+    assert pretrained.resolve_weights("tiny", models_dir=str(tmp_path)) == str(tmp_path / "tiny-sd")
+    with pytest.raises(pretrained.WeightsNotFoundError, match="tiny-sd"):
+        pretrained.resolve_weights("tiny", models_dir=str(tmp_path / "empty"))
+
+
+def test_unknown_version_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown SD version '3.0'; valid versions: 1.5, 2.0, 2.1, 2.0-v, 2.1-v, tiny"):
+        pretrained.get_version("3.0")
+
+
+def test_version_table():
+    assert {v: pretrained.get_version(v).image_size for v in pretrained.VERSIONS} == {
+        "1.5": 512, "2.0": 512, "2.1": 512, "2.0-v": 768, "2.1-v": 768, "tiny": 128,
+    }
+    assert pretrained.get_version("2.1-v").config_path == os.path.join(pretrained.ROOT, "configs/v2-vpred-inference.yaml")
+    assert pretrained.get_version("1.5").config == "configs/v1-inference.yaml"
