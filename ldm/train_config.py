@@ -18,10 +18,9 @@ from typing import Optional, Tuple
 
 import yaml
 
-_logger = logging.getLogger(__name__)
+from ldm.pretrained import VERSIONS
 
-# The version table lives in ldm/pretrained.py; this copy exists only so a typo fails before any model loads.
-VERSIONS = ("1.5", "2.0", "2.1", "2.0-v", "2.1-v", "tiny")
+_logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -77,7 +76,7 @@ class TrainConfig:
     scale_window: int = _opt(200, "overflow-free steps before the loss scale grows")
     dtype: str = _opt("fp32", "compute dtype of the frozen models", ("fp32", "fp16", "bf16"))
     # model
-    version: str = _opt("1.5", "Stable Diffusion version", VERSIONS)
+    version: str = _opt("1.5", "Stable Diffusion version", tuple(VERSIONS))
     model_config: Optional[str] = _opt(None, "model YAML; unset = the version's default")
     pretrained_model_path: Optional[str] = _opt(None, "weights file or folder; unset = models/ then the Hub")
     pretrained_model_file: Optional[str] = _opt(None, "weights file name inside pretrained_model_path")
