@@ -1,0 +1,78 @@
+"""Convert a Textual Inversion embedding between ours/mindone `_ti.ckpt`, diffusers and A1111/kohya files.
+
+    python tools/convert_embedding.py learned_embeds.safetensors cat_toy_ti.ckpt --to ti_ckpt --version 1.5
+    python tools/convert_embedding.py cat_toy_ti.ckpt learned_embeds.safetensors --to diffusers
+    python tools/convert_embedding.py cat_toy_ti.ckpt cat-toy.safetensors --to a1111
+
+Any supported format is read (A1111 `.pt` and diffusers `.bin` included); the output is written
+atomically and an existing file is only replaced with --overwrite.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ldm import embeddings  # noqa: E402
+from ldm.pretrained import VERSIONS  # noqa: E402
+
+# the text encoder width of each SD family, to catch a --version that does not fit the vectors
+_VERSION_DIM = {"1": 768, "2": 1024}
+_DEFAULT_VERSION = {768: "1.5", 1024: "2.1"}
+
+
+def _version_for(embedding, version, src):
+    if version is None:
+        if embedding.dim not in _DEFAULT_VERSION:
+            raise embeddings.EmbeddingError(
+                f"{src} holds {embedding.dim}-d vectors, not SD 1.x/2.x; pass --version ({', '.join(VERSIONS)})"
+            )
+        return _DEFAULT_VERSION[embedding.dim]
+    if version not in VERSIONS:
+        raise embeddings.EmbeddingError(f"unknown --version {version!r}; valid versions: {', '.join(VERSIONS)}")
+    family_dim = _VERSION_DIM.get(version[0])
+    if family_dim and embedding.dim != family_dim:
+        raise embeddings.EmbeddingError(
+            f"{src} holds {embedding.dim}-d vectors; SD {version} has a {family_dim}-d text encoder"
+        )
+    return version
+
+
+def convert(src, dst, to, token=None, version=None, overwrite=False):
+    """Convert `src` into `dst` in format `to`; returns the embedding that was written."""
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    embedding = embeddings.load_embedding(src, token=token)
+    if to == "ti_ckpt":
+        embeddings.save_ti_ckpt(dst, embedding.vectors, embedding.token, _version_for(embedding, version, src))
+    elif to == "diffusers":
+        embeddings.save_diffusers(dst, embedding.token, embedding.vectors)
+    elif to == "a1111":
+        embeddings.save_a1111_safetensors(dst, embedding.token, embedding.vectors)
+    else:
+        raise ValueError(f"unknown output format {to!r}; valid: {', '.join(embeddings.FORMATS)}")
+    return embedding
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="embedding file in any supported format")
+    parser.add_argument("output", help="file to write (.ckpt for ti_ckpt, .safetensors otherwise)")
+    parser.add_argument("--to", required=True, choices=embeddings.FORMATS, help="output format")
+    parser.add_argument("--token", help="placeholder token (default: the one stored in the input, or its file name)")
+    parser.add_argument(
+        "--version", help="SD version stored in a ti_ckpt (default: 1.5 for 768-d vectors, 2.1 for 1024-d)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    args = parser.parse_args(argv)
+    try:
+        embedding = convert(args.input, args.output, args.to, args.token, args.version, args.overwrite)
+    except (OSError, ValueError) as err:
+        parser.exit(1, f"error: {err}\n")
+    print(f"{args.output}: {args.to}, token {embedding.token!r}, {embedding.num_vectors} x {embedding.dim}-d")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
