@@ -1,7 +1,141 @@
-"""Work in progress: the real cell lands in the next commits (see docs/design.md)."""
-from mindspore import nn
+"""CLIP text transformer with Hugging Face parameter names.
+
+One class for both flavours: SD1 (OpenAI CLIP ViT-L/14, quick_gelu, 12 layers) and SD2 (OpenCLIP
+ViT-H/14 text tower converted to HF names, exact gelu, the first 23 of 24 layers: SD2 conditions on
+the penultimate layer's output passed through the final layer norm).
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore.common.initializer import initializer, Normal
+
+from ldm.modules.layers import Linear, LayerNorm, attention, gelu, quick_gelu
+
+
+class Embedding(nn.Cell):
+    """A lookup table with a torch-style `weight` `[num, dim]`."""
+
+    def __init__(self, num, dim, std=0.02):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(std), (num, dim), ms.float32), name="weight")
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
+
+
+class CLIPTextEmbeddings(nn.Cell):
+    def __init__(self, vocab_size, context_length, width):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.token_embedding = Embedding(vocab_size, width)
+        self.position_embedding = Embedding(context_length, width, std=0.01)
+
+    def construct(self, input_ids, extra_embeddings=None):
+        if extra_embeddings is None:
+            tokens = self.token_embedding(input_ids)
+        else:
+            # Placeholder ids (>= vocab_size) read row id - vocab_size of extra_embeddings. Both tables are
+            # gathered with in-range ids and the result selected per position, so the frozen table is
+            # never written and only the selected extra rows receive gradient.
+            is_extra = input_ids >= self.vocab_size
+            table_ids = ops.where(is_extra, ops.zeros_like(input_ids), input_ids)
+            extra_ids = ops.clamp(input_ids - self.vocab_size, 0, extra_embeddings.shape[0] - 1)
+            tokens = ops.where(is_extra[..., None],
+                               ops.gather(extra_embeddings.astype(ms.float32), extra_ids, 0),
+                               self.token_embedding(table_ids))
+        length = input_ids.shape[1]
+        return tokens + self.position_embedding.weight[:length][None]
+
+
+class CLIPAttention(nn.Cell):
+    def __init__(self, width, heads, dtype=ms.float32):
+        super().__init__()
+        self.heads = heads
+        self.scale = (width // heads) ** -0.5
+        self.q_proj = Linear(width, width, dtype=dtype)
+        self.k_proj = Linear(width, width, dtype=dtype)
+        self.v_proj = Linear(width, width, dtype=dtype)
+        self.out_proj = Linear(width, width, dtype=dtype)
+
+    def _split_heads(self, x):
+        b, n, c = x.shape
+        return x.reshape(b, n, self.heads, c // self.heads).transpose(0, 2, 1, 3).reshape(
+            b * self.heads, n, c // self.heads)
+
+    def construct(self, x, mask):
+        b, n, c = x.shape
+        out = attention(self._split_heads(self.q_proj(x)), self._split_heads(self.k_proj(x)),
+                        self._split_heads(self.v_proj(x)), self.scale, mask)
+        out = out.reshape(b, self.heads, n, c // self.heads).transpose(0, 2, 1, 3).reshape(b, n, c)
+        return self.out_proj(out)
+
+
+class CLIPMLP(nn.Cell):
+    def __init__(self, width, intermediate_size, use_quick_gelu, dtype=ms.float32):
+        super().__init__()
+        self.fc1 = Linear(width, intermediate_size, dtype=dtype)
+        self.fc2 = Linear(intermediate_size, width, dtype=dtype)
+        self.act = quick_gelu if use_quick_gelu else gelu
+
+    def construct(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Cell):
+    def __init__(self, width, heads, intermediate_size, use_quick_gelu, epsilon, dtype=ms.float32):
+        super().__init__()
+        self.self_attn = CLIPAttention(width, heads, dtype=dtype)
+        self.layer_norm1 = LayerNorm(width, eps=epsilon)
+        self.mlp = CLIPMLP(width, intermediate_size, use_quick_gelu, dtype=dtype)
+        self.layer_norm2 = LayerNorm(width, eps=epsilon)
+
+    def construct(self, x, mask):
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Cell):
+    def __init__(self, layers, width, heads, intermediate_size, use_quick_gelu, epsilon, dtype=ms.float32):
+        super().__init__()
+        self.layers = nn.CellList([
+            CLIPEncoderLayer(width, heads, intermediate_size, use_quick_gelu, epsilon, dtype=dtype)
+            for _ in range(layers)])
+
+    def construct(self, x, mask):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class CLIPTextTransformer(nn.Cell):
+    def __init__(self, vocab_size, context_length, width, layers, heads, intermediate_size, use_quick_gelu,
+                 epsilon, dtype=ms.float32):
+        super().__init__()
+        self.dtype = dtype
+        self.embeddings = CLIPTextEmbeddings(vocab_size, context_length, width)
+        self.encoder = CLIPEncoder(layers, width, heads, intermediate_size, use_quick_gelu, epsilon, dtype=dtype)
+        self.final_layer_norm = LayerNorm(width, eps=epsilon)
+        # causal mask added to float32 scores: a large finite negative keeps softmax gradients finite
+        self.causal_mask = Tensor(np.triu(np.full((context_length, context_length), -1e9, np.float32), k=1))
+
+    def construct(self, input_ids, extra_embeddings=None):
+        length = input_ids.shape[1]
+        x = self.embeddings(input_ids, extra_embeddings).astype(self.dtype)
+        x = self.encoder(x, self.causal_mask[:length, :length])
+        return self.final_layer_norm(x).astype(ms.float32)
 
 
 class CLIPTextModel(nn.Cell):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("CLIPTextModel is being written")
+    """`construct(input_ids [B, L] int, extra_embeddings [N, D] or None) -> [B, L, D]` (float32),
+    the last hidden state after the final layer norm."""
+
+    def __init__(self, vocab_size=49408, context_length=77, width=768, layers=12, heads=12,
+                 intermediate_size=3072, use_quick_gelu=True, epsilon=1e-5, dtype=ms.float32):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.width = width
+        self.text_model = CLIPTextTransformer(vocab_size, context_length, width, layers, heads, intermediate_size,
+                                              use_quick_gelu, epsilon, dtype=dtype)
+
+    def construct(self, input_ids, extra_embeddings=None):
+        return self.text_model(input_ids, extra_embeddings)

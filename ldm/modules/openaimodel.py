@@ -1,7 +1,160 @@
-"""Work in progress: the real cell lands in the next commits (see docs/design.md)."""
-from mindspore import nn
+"""The LDM UNet (CompVis `ldm/modules/diffusionmodules/openaimodel.py` structure and names)."""
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Tensor
+
+from ldm.modules.layers import Linear, Conv2d, GroupNorm, SiLU, Identity, upsample_nearest2x, zero_
+from ldm.modules.attention import SpatialTransformer
+
+
+def timestep_frequencies(dim, max_period=10000):
+    """The `dim // 2` frequencies of the sinusoidal timestep embedding (float32 numpy).
+
+    CompVis `timestep_embedding` and diffusers' SD UNet (flip_sin_to_cos=True, freq_shift=0) agree:
+    freq_i = max_period ** (-i / half), embedding = [cos(t f), sin(t f)].
+    """
+    half = dim // 2
+    return np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+
+
+def timestep_embedding(timesteps, freqs):
+    """`[B]` timesteps -> `[B, 2 * len(freqs)]` float32 embedding, cos half first."""
+    args = timesteps.astype(ms.float32)[:, None] * freqs[None, :]
+    return ops.cat([ops.cos(args), ops.sin(args)], axis=-1)
+
+
+class ResBlock(nn.Cell):
+    """GroupNorm-SiLU-conv twice with the timestep embedding added in between, plus a skip."""
+
+    def __init__(self, channels, emb_channels, out_channels=None, norm_num_groups=32, dtype=ms.float32):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.SequentialCell([
+            GroupNorm(norm_num_groups, channels), SiLU(), Conv2d(channels, out_channels, 3, padding=1, dtype=dtype)])
+        self.emb_layers = nn.SequentialCell([SiLU(), Linear(emb_channels, out_channels, dtype=dtype)])
+        # index 2 is the dropout slot of the original (p=0 for SD), kept for the out_layers.3 name
+        self.out_layers = nn.SequentialCell([
+            GroupNorm(norm_num_groups, out_channels), SiLU(), Identity(),
+            zero_(Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype))])
+        self.skip_connection = (Identity() if out_channels == channels
+                                else Conv2d(channels, out_channels, 1, dtype=dtype))
+
+    def construct(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Cell):
+    def __init__(self, channels, dtype=ms.float32):
+        super().__init__()
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1, dtype=dtype)
+
+    def construct(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Cell):
+    def __init__(self, channels, dtype=ms.float32):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype)
+
+    def construct(self, x):
+        return self.conv(upsample_nearest2x(x))
+
+
+class TimestepEmbedSequential(nn.SequentialCell):
+    """A SequentialCell whose members get the inputs they need: ResBlocks the embedding,
+    SpatialTransformers the context, resamplers only x."""
+
+    def construct(self, x, emb, context):
+        for layer in self.cell_list:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
 
 
 class UNetModel(nn.Cell):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("UNetModel is being written")
+    """`construct(x [B,C,h,w], timesteps [B] int, context [B,L,context_dim]) -> [B,out_channels,h,w]`."""
+
+    def __init__(self, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=(4, 2, 1),
+                 num_res_blocks=2, channel_mult=(1, 2, 4, 4), num_heads=8, num_head_channels=-1,
+                 transformer_depth=1, context_dim=768, use_linear_in_transformer=False, norm_num_groups=32,
+                 dtype=ms.float32):
+        super().__init__()
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("UNetModel: set num_heads or num_head_channels")
+        self.dtype = dtype
+        self.freqs = Tensor(timestep_frequencies(model_channels))
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.SequentialCell([
+            Linear(model_channels, time_embed_dim, dtype=dtype), SiLU(),
+            Linear(time_embed_dim, time_embed_dim, dtype=dtype)])
+
+        def res_block(ch_in, ch_out):
+            return ResBlock(ch_in, time_embed_dim, ch_out, norm_num_groups, dtype=dtype)
+
+        def transformer(ch):
+            # num_head_channels, when set, fixes the head width (SD2); otherwise the head count (SD1)
+            if num_head_channels != -1:
+                heads, dim_head = ch // num_head_channels, num_head_channels
+            else:
+                heads, dim_head = num_heads, ch // num_heads
+            return SpatialTransformer(ch, heads, dim_head, transformer_depth, context_dim,
+                                      use_linear_in_transformer, norm_num_groups, dtype=dtype)
+
+        input_blocks = [TimestepEmbedSequential([Conv2d(in_channels, model_channels, 3, padding=1, dtype=dtype)])]
+        skip_channels = [model_channels]
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res_block(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(transformer(ch))
+                input_blocks.append(TimestepEmbedSequential(layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                input_blocks.append(TimestepEmbedSequential([Downsample(ch, dtype=dtype)]))
+                skip_channels.append(ch)
+                ds *= 2
+        self.input_blocks = nn.CellList(input_blocks)
+
+        self.middle_block = TimestepEmbedSequential([res_block(ch, ch), transformer(ch), res_block(ch, ch)])
+
+        output_blocks = []
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res_block(ch + skip_channels.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch, dtype=dtype))
+                    ds //= 2
+                output_blocks.append(TimestepEmbedSequential(layers))
+        self.output_blocks = nn.CellList(output_blocks)
+
+        self.out = nn.SequentialCell([
+            GroupNorm(norm_num_groups, ch), SiLU(),
+            zero_(Conv2d(model_channels, out_channels, 3, padding=1, dtype=dtype))])
+
+    def construct(self, x, timesteps, context):
+        emb = self.time_embed(timestep_embedding(timesteps, self.freqs).astype(self.dtype))
+        context = context.astype(self.dtype)
+        h = x.astype(self.dtype)
+        hs = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        # skips are consumed last-in first-out (indexing: list.pop does not compile in graph mode)
+        for i in range(len(self.output_blocks)):
+            h = self.output_blocks[i](ops.cat([h, hs[len(hs) - 1 - i]], axis=1), emb, context)
+        return self.out(h).astype(x.dtype)

@@ -1,0 +1,164 @@
+"""Basic layers with torch-style parameters (`weight`, `bias`, torch shapes) and a compute dtype.
+
+Parameters are always float32: checkpoints load into them and optimizers update them. Matmuls and
+convolutions run in the cell's `dtype`; normalizations and softmax run in float32.
+
+Every CPU workaround of the project lives in this file (measured numbers: docs/performance.md):
+- MindSpore's CPU Conv2D kernel is pathologically slow (3x3 320->320 at 32x32 takes seconds), while
+  its matmul is fast, so on CPU a convolution is im2col (`ops.unfold`) + matmul; a 1x1 convolution
+  is a plain matmul. Other targets use the native kernel.
+- `ops.interpolate(scale_factor=..., mode="nearest")` fails on 4-D input on CPU: pass `size=`.
+- `mint.arange` and `mint.nn.functional.conv2d` have no CPU kernel: the cells use `ops.*` and numpy
+  constants instead.
+GroupNorm (`ops.group_norm`), attention (BatchMatMul with transpose_b + softmax) and nearest
+upsampling (`ops.interpolate`) were measured against hand-written alternatives and are the faster.
+"""
+import math
+
+import mindspore as ms
+from mindspore import nn, ops, Parameter
+from mindspore.common.initializer import initializer, Uniform, Zero, One
+
+
+def _on_cpu():
+    return ms.get_context("device_target") == "CPU"
+
+
+def _uniform(bound, shape, name):
+    return Parameter(initializer(Uniform(bound), shape, ms.float32), name=name)
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b, W `[out, in]`; torch default init."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=ms.float32):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = _uniform(bound, (out_features, in_features), "weight")
+        self.bias = _uniform(bound, (out_features,), "bias") if bias else None
+        self.dtype = dtype
+
+    def construct(self, x):
+        bias = self.bias.astype(self.dtype) if self.bias is not None else None
+        return ops.dense(x.astype(self.dtype), self.weight.astype(self.dtype), bias)
+
+
+class Conv2d(nn.Cell):
+    """Square-kernel 2-D convolution, weight `[out, in, k, k]`, symmetric zero padding; torch default init.
+
+    Asymmetric padding (the VAE downsample) is the caller's `ops.pad` before a `padding=0` conv.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 dtype=ms.float32):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.weight = _uniform(bound, (out_channels, in_channels, kernel_size, kernel_size), "weight")
+        self.bias = _uniform(bound, (out_channels,), "bias") if bias else None
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dtype = dtype
+        self.im2col = _on_cpu()
+        self.pointwise = kernel_size == 1 and stride == 1 and padding == 0
+
+    def construct(self, x):
+        x = x.astype(self.dtype)
+        weight = self.weight.astype(self.dtype)
+        if self.im2col:
+            b, c, h, w = x.shape
+            if self.pointwise:
+                y = ops.matmul(weight.reshape(self.out_channels, c), x.reshape(b, c, h * w))
+                oh, ow = h, w
+            else:
+                # unfold orders rows channel-major then kernel row/col: the layout of weight.reshape(out, -1)
+                cols = ops.unfold(x, self.kernel_size, 1, self.padding, self.stride)
+                y = ops.matmul(weight.reshape(self.out_channels, -1), cols)
+                oh = (h + 2 * self.padding - self.kernel_size) // self.stride + 1
+                ow = (w + 2 * self.padding - self.kernel_size) // self.stride + 1
+            y = y.reshape(b, self.out_channels, oh, ow)
+        else:
+            y = ops.conv2d(x, weight, stride=self.stride, pad_mode="pad", padding=self.padding)
+        if self.bias is not None:
+            y = y + self.bias.astype(self.dtype).reshape(1, -1, 1, 1)
+        return y
+
+
+class GroupNorm(nn.Cell):
+    """GroupNorm over `[B, C, ...]`, computed in float32 and returned in the input dtype."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5):
+        super().__init__()
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = Parameter(initializer(One(), (num_channels,), ms.float32), name="weight")
+        self.bias = Parameter(initializer(Zero(), (num_channels,), ms.float32), name="bias")
+
+    def construct(self, x):
+        y = ops.group_norm(x.astype(ms.float32), self.num_groups, self.weight, self.bias, self.eps)
+        return y.astype(x.dtype)
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis, computed in float32 and returned in the input dtype."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.weight = Parameter(initializer(One(), (dim,), ms.float32), name="weight")
+        self.bias = Parameter(initializer(Zero(), (dim,), ms.float32), name="bias")
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        y, _, _ = self.norm(x.astype(ms.float32), self.weight, self.bias)
+        return y.astype(x.dtype)
+
+
+class SiLU(nn.Cell):
+    def construct(self, x):
+        return ops.silu(x)
+
+
+class Identity(nn.Cell):
+    """Placeholder that keeps the original module indices (e.g. a p=0 dropout slot)."""
+
+    def construct(self, x):
+        return x
+
+
+def gelu(x):
+    """Exact (erf) GELU."""
+    return ops.gelu(x, approximate="none")
+
+
+def quick_gelu(x):
+    """OpenAI CLIP's sigmoid approximation of GELU."""
+    return x * ops.sigmoid(1.702 * x)
+
+
+def upsample_nearest2x(x):
+    """Nearest-neighbour 2x upsampling of `[B, C, H, W]` (`size=`, since `scale_factor=` fails on CPU)."""
+    _, _, h, w = x.shape
+    return ops.interpolate(x, size=(2 * h, 2 * w), mode="nearest")
+
+
+_bmm_nt = ops.BatchMatMul(transpose_b=True)
+
+
+def attention(q, k, v, scale, mask=None):
+    """softmax(q k^T * scale + mask) v for `[B*heads, L, d]` inputs; the softmax runs in float32.
+
+    q is scaled before the product so that half-precision scores stay in range.
+    """
+    scores = _bmm_nt(q * scale, k).astype(ms.float32)
+    if mask is not None:
+        scores = scores + mask
+    weights = ops.softmax(scores, axis=-1).astype(v.dtype)
+    return ops.bmm(weights, v)
+
+
+def zero_(cell):
+    """Zero all parameters of `cell` (CompVis `zero_module`: residual branches start as identity)."""
+    for p in cell.get_parameters():
+        p.set_data(initializer(Zero(), p.shape, p.dtype))
+    return cell
