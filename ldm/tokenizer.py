@@ -140,7 +140,10 @@ def tokenize(tokenizer, prompts):
         if len(seq) > max_length:
             removed = tokenizer.decode(seq[max_length - 1 : -1])
             logger.warning(
-                "prompt is longer than %d tokens and was truncated; removed: %r (prompt: %r)", max_length, removed, prompt
+                "prompt is longer than %d tokens and was truncated; removed: %r (prompt: %r)",
+                max_length,
+                removed,
+                prompt,
             )
     return np.asarray(ids, dtype=np.int32)
 

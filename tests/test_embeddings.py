@@ -15,7 +15,8 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "embeddings")
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_embedding", os.path.join(ROOT, "tools", "convert_embedding.py"))
+    path = os.path.join(ROOT, "tools", "convert_embedding.py")
+    spec = importlib.util.spec_from_file_location("convert_embedding", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -142,7 +143,8 @@ def test_converter_needs_version_for_unknown_width_and_checks_it(tmp_path):
         convert_embedding.convert(src, str(tmp_path / "a_ti.ckpt"), "ti_ckpt")
     v1 = str(tmp_path / "v1.safetensors")
     emb.save_diffusers(v1, "<t>", _vectors(1, 768))
-    with pytest.raises(emb.EmbeddingError, match=r"v1.safetensors holds 768-d vectors; SD 2.0 has a 1024-d text encoder"):
+    message = r"v1.safetensors holds 768-d vectors; SD 2.0 has a 1024-d text encoder"
+    with pytest.raises(emb.EmbeddingError, match=message):
         convert_embedding.convert(v1, str(tmp_path / "b_ti.ckpt"), "ti_ckpt", version="2.0")
     assert not os.path.exists(tmp_path / "b_ti.ckpt")
 

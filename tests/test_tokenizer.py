@@ -81,7 +81,8 @@ def test_placeholders_get_ids_after_the_vocabulary():
     assert tk.add_placeholder_tokens(tok, "<cat-toy>", 3) == [49408, 49409, 49410]
     # a second concept continues after the first: its rows follow in extra_embeddings
     assert tk.add_placeholder_tokens(tok, "<style>", 1) == [49411]
-    prompt = tk.expand_placeholders("a <cat-toy> backpack in <style>", {"<cat-toy>": tk.placeholder_names("<cat-toy>", 3)})
+    names = {"<cat-toy>": tk.placeholder_names("<cat-toy>", 3)}
+    prompt = tk.expand_placeholders("a <cat-toy> backpack in <style>", names)
     assert prompt == "a <cat-toy> <cat-toy>_1 <cat-toy>_2 backpack in <style>"
     ids = tk.tokenize(tok, prompt)[0]
     assert ids[:8].tolist() == [49406, 320, 49408, 49409, 49410, 14894, 530, 49411]
