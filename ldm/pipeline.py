@@ -1,0 +1,157 @@
+"""A frozen Stable Diffusion with placeholder embeddings: what training and sampling share.
+
+`StableDiffusion.load()` resolves and loads the weights (any layout `ldm.convert` reads), builds the
+tokenizer, and freezes everything. Placeholder tokens (`<t>`, `<t>_1`, ...) get ids after the base
+vocabulary; their vectors live in `extra_embeddings` (`[N, D]`), which the text encoder reads for those
+ids, so the 49408-row table is never resized or written.
+
+Initial latents are framework independent: iteration j of a run with seed s draws the whole batch as
+`numpy.random.default_rng(s + j).standard_normal((n, 4, H // 8, W // 8), dtype=float32)`, so the same
+seed gives the same image on any machine, and the same image as diffusers fed the same latents.
+"""
+
+import logging
+import os
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn
+
+from ldm import samplers
+from ldm.convert import load_into, load_pretrained
+from ldm.models import build_models
+from ldm.pretrained import get_version, resolve_weights
+from ldm.schedule import make_alphas_cumprod
+from ldm.tokenizer import add_placeholder_tokens, expand_placeholders, load_tokenizer, placeholder_names, tokenize
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+
+
+class _Call(nn.Cell):
+    """Graph-mode entry point for a method other than `construct` (VAE encode/decode)."""
+
+    def __init__(self, cell, method):
+        super().__init__()
+        self.cell = cell
+        self.method = method
+
+    def construct(self, x):
+        return getattr(self.cell, self.method)(x)
+
+
+class StableDiffusion:
+    def __init__(self, config, unet, vae, text_encoder, tokenizer, name=""):
+        self.config = config
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer = tokenizer
+        self.name = name
+        for cell in (unet, vae, text_encoder):
+            cell.set_train(False)
+            for p in cell.get_parameters():
+                p.requires_grad = False
+        self.alphas_cumprod = make_alphas_cumprod(config.linear_start, config.linear_end, config.timesteps)
+        self.vocab_size = config.text_encoder.vocab_size
+        self.embedding_dim = config.text_encoder.width
+        self.placeholders = {}  # placeholder -> its token names
+        self.extra_embeddings = np.zeros((0, self.embedding_dim), np.float32)
+        self._encode = _Call(vae, "encode")
+        self._decode = _Call(vae, "decode")
+
+    @classmethod
+    def load(cls, version, weights=None, model_config=None, dtype="fp32"):
+        """Load `version`'s weights (or `weights`: a file or diffusers folder) into frozen cells.
+
+        model_config: a model YAML; unset = the version's config, except that a diffusers folder's own
+        config.json files win.
+        """
+        path = resolve_weights(version, weights)
+        config_path = model_config or get_version(version).config_path
+        config, state_dicts, layout = load_pretrained(path, config_path)
+        unet, vae, text_encoder = build_models(config, DTYPES[dtype])
+        for what, cell in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+            load_into(cell, state_dicts[what], what, path)
+        tokenizer_dir = os.path.join(path, "tokenizer") if os.path.isdir(path) else None
+        if tokenizer_dir and not os.path.isdir(tokenizer_dir):
+            tokenizer_dir = None
+        tokenizer = load_tokenizer(tokenizer_dir, pad_token=config.text_encoder.pad_token)
+        logger.info("loaded %s (%s layout) from %s", version, layout, path)
+        return cls(config, unet, vae, text_encoder, tokenizer, name=os.path.basename(os.path.normpath(path)))
+
+    # --- placeholder tokens ---------------------------------------------------------------------------
+
+    def add_placeholder(self, placeholder, vectors):
+        """Register `placeholder` with `vectors` `[N, D]`; returns the N new token ids."""
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"embedding for {placeholder!r} has shape {vectors.shape}; this text encoder needs [N, {self.embedding_dim}]"
+            )
+        ids = add_placeholder_tokens(self.tokenizer, placeholder, len(vectors))
+        # ids are consecutive after the vocabulary, so row id - vocab_size is the next free row
+        assert ids[0] - self.vocab_size == len(self.extra_embeddings), "placeholder ids out of step with the rows"
+        self.extra_embeddings = np.concatenate([self.extra_embeddings, vectors])
+        self.placeholders[placeholder] = placeholder_names(placeholder, len(vectors))
+        return ids
+
+    def set_placeholder_vectors(self, ids, vectors):
+        self.extra_embeddings[np.asarray(ids) - self.vocab_size] = vectors
+
+    def token_ids(self, prompts):
+        return tokenize(self.tokenizer, [expand_placeholders(p, self.placeholders) for p in prompts])
+
+    def encode_text(self, prompts):
+        ids = Tensor(self.token_ids(prompts))
+        extra = Tensor(self.extra_embeddings) if len(self.extra_embeddings) else None
+        return self.text_encoder(ids, extra)
+
+    # --- images <-> latents ---------------------------------------------------------------------------
+
+    def encode_images(self, images):
+        """Posterior `(mean, logvar)` numpy arrays of images `[B, 3, H, W]` in [-1, 1] (unscaled latents)."""
+        mean, logvar = self._encode(Tensor(np.asarray(images, np.float32)))
+        return mean.asnumpy(), logvar.asnumpy()
+
+    def decode_latents(self, latents):
+        """uint8 images `[B, H, W, 3]` from scaled latents, rounded as diffusers' pipelines do."""
+        x = self._decode(Tensor(np.asarray(latents, np.float32) / self.config.scale_factor)).asnumpy()
+        x = np.clip(x / 2 + 0.5, 0.0, 1.0)
+        return (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+
+    # --- sampling -------------------------------------------------------------------------------------
+
+    def sample(self, prompts, latents, sampler="dpm_solver", steps=20, scale=7.5, negative_prompt="",
+               eta=0.0, rng=None, return_latents=False):
+        """Images for `prompts` from initial `latents` `[B, 4, h, w]` with classifier-free guidance."""
+        n = len(prompts)
+        context = ms.ops.concat([self.encode_text([negative_prompt] * n), self.encode_text(prompts)])
+
+        def model_fn(x, t):
+            x_in = Tensor(np.concatenate([x, x]))
+            out = self.unet(x_in, Tensor(np.full((2 * n,), t, np.int32)), context).asnumpy()
+            uncond, cond = out[:n], out[n:]
+            return uncond + scale * (cond - uncond)
+
+        z = samplers.sample(sampler, model_fn, np.asarray(latents, np.float32), self.alphas_cumprod, steps,
+                            parameterization=self.config.parameterization, eta=eta, rng=rng)
+        images = self.decode_latents(z)
+        return (images, z) if return_latents else images
+
+
+def initial_latents(seed, n, height, width, channels=4):
+    """The documented, framework-independent initial noise (see the module docstring)."""
+    return np.random.default_rng(seed).standard_normal((n, channels, height // 8, width // 8), dtype=np.float32)
+
+
+def image_grid(images, cols=None):
+    """One uint8 image `[rows*H, cols*W, 3]` from `[B, H, W, 3]`."""
+    images = np.asarray(images)
+    b, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / cols))
+    grid = np.full((rows * h, cols * w, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    return grid
