@@ -1,0 +1,90 @@
+"""The toy shapes world: deterministic generator, judge accuracy, shipped TI example sets."""
+import os
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from data import toy_world as tw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "data", "examples")
+
+
+def _key(v):
+    return (v.shape, v.fg, v.bg, v.style)
+
+
+def test_generator_is_deterministic_for_a_seed():
+    a, b, c = tw.generate(5, 3), tw.generate(5, 3), tw.generate(5, 4)
+    for (ia, sa, ca), (ib, sb, cb) in zip(a, b):
+        assert np.array_equal(ia, ib) and sa == sb and ca == cb
+    assert not np.array_equal(a[0][0], c[0][0])
+    img, scene, cap = a[0]
+    assert img.shape == (128, 128, 3) and img.dtype == np.uint8
+    # Plain background in the named colour, foreground colour present.
+    assert tuple(img[0, 0]) == tw.COLORS[scene.bg]
+    assert (np.abs(img.astype(int) - tw.COLORS[scene.fg]).sum(-1) == 0).sum() > 500
+
+
+def test_judge_is_right_on_generator_images():
+    data = tw.generate(200, 11)
+    ok = [_key(tw.judge(img)) == (sc.shape, sc.fg, sc.bg, "") for img, sc, _ in data]
+    assert np.mean(ok) >= 0.98
+    # Every shape and colour occurs, so the accuracy is not from a few easy classes.
+    assert {sc.shape for _, sc, _ in data} == set(tw.SHAPES)
+    assert {sc.fg for _, sc, _ in data} == set(tw.COLORS)
+
+
+def test_judge_survives_blur_noise_and_resizing():
+    rng = np.random.default_rng(0)
+    data = tw.generate(60, 12)
+    ok = []
+    for img, sc, _ in data:
+        x = ndimage.gaussian_filter(img.astype(float), (1.5, 1.5, 0)) + rng.normal(0, 8, img.shape)
+        x = np.asarray(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).resize((96, 96)))
+        ok.append(_key(tw.judge(x)) == (sc.shape, sc.fg, sc.bg, ""))
+    assert np.mean(ok) >= 0.95
+
+
+def test_judge_detects_the_outlined_style():
+    data = tw.generate(60, 13, style=tw.STYLE)
+    ok = [_key(tw.judge(img)) == (sc.shape, sc.fg, sc.bg, tw.STYLE) for img, sc, _ in data]
+    assert np.mean(ok) >= 0.95
+
+
+def test_captions_name_the_scene():
+    data = tw.generate(50, 14)
+    for _, sc, cap in data:
+        assert sc.shape in cap or "shape" in cap
+    assert any(f"{sc.fg} {sc.shape} on a {sc.bg} background" in cap for _, sc, cap in data)
+
+
+def test_base_model_training_set_excludes_purple_stars_and_held_out_triples():
+    train = set(tw.training_combos())
+    held = set(tw.heldout_combos())
+    assert not any((s, f) == tw.PURPLE_STAR for s, f, _ in train)
+    assert len(held) == 24 and not (held & train)
+    # Held-out triples test composition: their (shape, fg) pair is still trained on another background.
+    pairs = {(s, f) for s, f, _ in train}
+    assert all((s, f) in pairs for s, f, _ in held)
+
+
+def _folder_verdicts(name):
+    folder = os.path.join(EXAMPLES, name)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
+    return [tw.judge(np.asarray(Image.open(os.path.join(folder, f)).convert("RGB"))) for f in files]
+
+
+def test_shipped_purple_star_examples_judge_as_purple_stars():
+    v = _folder_verdicts("purple_star")
+    assert 6 <= len(v) <= 8
+    assert all((x.shape, x.fg, x.style) == ("star", "purple", "") for x in v)
+    assert len({x.bg for x in v}) >= 6
+
+
+def test_shipped_style_examples_judge_as_outlined():
+    v = _folder_verdicts(tw.STYLE)
+    assert 6 <= len(v) <= 8
+    assert all(x.style == tw.STYLE for x in v)
+    assert {x.shape for x in v} == set(tw.SHAPES)
