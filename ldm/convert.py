@@ -1,0 +1,528 @@
+"""Weight layouts -> our parameter names (docs/design.md), model configs from weights, strict loading.
+
+Three layouts are read:
+- `original`: the CompVis/Stability single file (`model.diffusion_model.*`, `first_stage_model.*`,
+  `cond_stage_model.transformer.*` for SD1's OpenAI CLIP, `cond_stage_model.model.*` for SD2's OpenCLIP
+  with packed `in_proj` attention), `.safetensors` or torch `.ckpt`;
+- `diffusers`: a pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`);
+- `mindone`: MindSpore `.ckpt` of mindone's ldm (CompVis names with `gamma/beta`, `embedding_table`,
+  wrapped convs `X.conv.weight`, `in_layers_norm`/`in_layers_conv`/..., and its own text encoder names).
+
+MindSpore and `ldm.models` are imported inside the functions that need them: the key maps here are also
+used by tools/make_reference_fixtures.py, which runs in a torch environment without MindSpore.
+"""
+import json
+import os
+import re
+
+import numpy as np
+
+from ldm.checkpoint_io import CheckpointError, load_state_dict
+
+PARTS = ("unet", "vae", "text_encoder")
+ORIGINAL_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}
+OPENAI_PREFIX = "cond_stage_model.transformer."   # SD1 (and mindone's first SD2 release)
+OPENCLIP_PREFIX = "cond_stage_model.model."       # SD2
+
+
+def _rename(sd, rules):
+    """Apply `(pattern, replacement)` regex rules, in order, to every key."""
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- UNet
+
+_RESNET_DIFFUSERS_TO_COMPVIS = (
+    ("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+
+_UNET_DIFFUSERS_TOP = {
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _resnet_to_compvis(rest):
+    head, _, tail = rest.partition(".")
+    return dict(_RESNET_DIFFUSERS_TO_COMPVIS).get(head, head) + "." + tail
+
+
+def unet_from_diffusers(sd):
+    """diffusers `UNet2DConditionModel` state dict -> CompVis openaimodel names.
+
+    The block arithmetic follows CompVis: input block 0 is conv_in, then per level `layers_per_block`
+    (resnet[, transformer]) blocks and a downsample block; output blocks have one more resnet per level,
+    the upsampler sitting after the transformer when the level has one.
+    """
+    lpb = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
+    up_has_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    out = {}
+    for key, value in sd.items():
+        name, _, param = key.rpartition(".")
+        if name in _UNET_DIFFUSERS_TOP:
+            new = f"{_UNET_DIFFUSERS_TOP[name]}.{param}"
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            level, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            index = 1 + level * (lpb + 1) + j
+            new = (f"input_blocks.{index}.0.{_resnet_to_compvis(rest)}" if kind == "resnets"
+                   else f"input_blocks.{index}.1.{rest}")
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"input_blocks.{(int(m.group(1)) + 1) * (lpb + 1)}.0.op.{m.group(2)}"
+        elif m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            kind, j, rest = m.groups()
+            new = (f"middle_block.{2 * int(j)}.{_resnet_to_compvis(rest)}" if kind == "resnets"
+                   else f"middle_block.1.{rest}")
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            level, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            index = level * (lpb + 1) + j
+            new = (f"output_blocks.{index}.0.{_resnet_to_compvis(rest)}" if kind == "resnets"
+                   else f"output_blocks.{index}.1.{rest}")
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            level = int(m.group(1))
+            slot = 2 if level in up_has_attn else 1
+            new = f"output_blocks.{level * (lpb + 1) + lpb}.{slot}.conv.{m.group(2)}"
+        else:
+            new = key   # left as is: the strict load reports it as unexpected
+        out[new] = value
+    return out
+
+
+_UNET_MINDONE_RULES = (
+    (r"\.gamma$", ".weight"), (r"\.beta$", ".bias"),
+    (r"\.in_layers_norm\.", ".in_layers.0."), (r"\.in_layers_conv\.", ".in_layers.2."),
+    (r"\.out_layers_norm\.", ".out_layers.0."), (r"\.out_layers_conv\.", ".out_layers.3."),
+    # mindone wraps every UNet conv in a cell with a `conv` member: X.conv.weight is CompVis' X.weight
+    (r"\.conv\.(weight|bias)$", r".\1"),
+)
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+
+def vae_attention_as_conv(sd):
+    """Mid-block attention q/k/v/proj_out as 1x1 conv weights `[C, C, 1, 1]` (some files store `[C, C]`)."""
+    return {k: (v.reshape(*v.shape, 1, 1) if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", k)
+                and v.ndim == 2 else v) for k, v in sd.items()}
+
+
+_VAE_ATTN_DIFFUSERS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+                       "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+
+
+def vae_from_diffusers(sd):
+    """diffusers `AutoencoderKL` state dict -> CompVis autoencoder names (decoder levels are reversed)."""
+    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k)))
+    out = {}
+    for key, value in sd.items():
+        if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
+            new = f"{m.group(1)}.norm_out.{m.group(2)}"
+        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"encoder.down.{m.group(1)}.block.{m.group(2)}.{m.group(3).replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"encoder.down.{m.group(1)}.downsample.conv.{m.group(2)}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            level = levels - 1 - int(m.group(1))
+            new = f"decoder.up.{level}.block.{m.group(2)}.{m.group(3).replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            new = f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}"
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{m.group(3).replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+            new = f"{m.group(1)}.mid.attn_1.{_VAE_ATTN_DIFFUSERS.get(m.group(2), m.group(2))}.{m.group(3)}"
+        else:
+            new = key
+        out[new] = value
+    return vae_attention_as_conv(out)
+
+
+# ---------------------------------------------------------------------------------------------- text encoder
+
+_TEXT_IGNORED = re.compile(r"(^|\.)(position_ids|text_projection|logit_scale|attn_mask)$")
+
+
+def text_from_openai(sd):
+    """SD1 original (`cond_stage_model.transformer.` stripped) or diffusers CLIPTextModel -> our names."""
+    # very old transformers versions saved CLIPTextModel without the `text_model.` level
+    return {(k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in sd.items() if not _TEXT_IGNORED.search(k)}
+
+
+_OPENCLIP_TO_HF = (
+    (r"^token_embedding\.weight$", "text_model.embeddings.token_embedding.weight"),
+    (r"^positional_embedding$", "text_model.embeddings.position_embedding.weight"),
+    (r"^ln_final\.", "text_model.final_layer_norm."),
+    (r"^transformer\.resblocks\.(\d+)\.", r"text_model.encoder.layers.\1."),
+    (r"\.ln_1\.", ".layer_norm1."), (r"\.ln_2\.", ".layer_norm2."),
+    (r"\.attn\.out_proj\.", ".self_attn.out_proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+)
+
+
+def text_from_openclip(sd, keep_layers):
+    """OpenCLIP text tower (`cond_stage_model.model.` stripped) -> our HF names, first `keep_layers` blocks.
+
+    The packed `attn.in_proj_{weight,bias}` rows are q, k, v in that order.
+    """
+    out = {}
+    for key, value in _rename({k: v for k, v in sd.items() if not _TEXT_IGNORED.search(k)},
+                              _OPENCLIP_TO_HF).items():
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.", key)
+        if m and int(m.group(1)) >= keep_layers:
+            continue
+        if p := re.fullmatch(r"(.+)\.attn\.in_proj_(weight|bias)", key):
+            for name, chunk in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
+                out[f"{p.group(1)}.self_attn.{name}.{p.group(2)}"] = chunk
+        else:
+            out[key] = value
+    return out
+
+
+def openclip_layer_count(sd):
+    return 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))),
+                   default=-1)
+
+
+# mindone's two text encoders, renamed to the OpenCLIP original names so that one converter serves all
+_TEXT_MINDONE_TO_OPENCLIP = (
+    (r"\.gamma$", ".weight"), (r"\.beta$", ".bias"),
+    (r"^(token_embedding\.)?embedding_table$", "token_embedding.weight"),
+    (r"^transformer_layer\.", "transformer."),
+    (r"\.attn\.(attn\.)?in_proj\.(weight|bias)$", r".attn.in_proj_\2"),
+    (r"\.attn\.attn\.out_proj\.", ".attn.out_proj."),
+    (r"\.(?<!mlp\.)c_(fc|proj)\.", r".mlp.c_\1."),
+)
+
+
+# ---------------------------------------------------------------------------------------------- single files
+
+def detect_layout(keys):
+    """'original' or 'mindone' for a single-file state dict's keys; CheckpointError otherwise."""
+    keys = list(keys)
+    unet = [k for k in keys if k.startswith(ORIGINAL_PREFIXES["unet"])]
+    if not unet:
+        return None
+    if any(k.endswith((".gamma", ".beta")) or "embedding_table" in k or ".in_layers_conv." in k for k in keys):
+        return "mindone"
+    return "original"
+
+
+def _strip(sd, prefix):
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def split_single_file(sd, source, text_layers=None):
+    """A single-file SD state dict -> (`{"unet","vae","text_encoder"}` in our names, layout name).
+
+    `text_layers`: how many OpenCLIP blocks to keep; by default an original SD2 file drops its last one
+    (SD2 conditions on the penultimate block), while mindone's SD2 files already hold only those.
+    """
+    layout = detect_layout(sd.keys())
+    if layout is None:
+        raise CheckpointError(f"{source}: not a Stable Diffusion checkpoint (no {ORIGINAL_PREFIXES['unet']}* weights)")
+    unet = _strip(sd, ORIGINAL_PREFIXES["unet"])
+    vae = _strip(sd, ORIGINAL_PREFIXES["vae"])
+    openai, openclip = _strip(sd, OPENAI_PREFIX), _strip(sd, OPENCLIP_PREFIX)
+    if layout == "mindone":
+        unet = _rename(unet, _UNET_MINDONE_RULES)
+        vae = _rename(vae, _UNET_MINDONE_RULES[:2])
+        mindone_text = openclip or openai
+        text = _rename(mindone_text, _TEXT_MINDONE_TO_OPENCLIP)
+        text = text_from_openclip(text, text_layers or openclip_layer_count(text))
+    elif openclip:
+        text = text_from_openclip(openclip, text_layers or openclip_layer_count(openclip) - 1)
+    else:
+        text = text_from_openai(openai)
+    if not vae or not text:
+        missing = "first_stage_model.*" if not vae else "cond_stage_model.*"
+        raise CheckpointError(f"{source}: the file has UNet weights but no {missing} weights")
+    return {"unet": unet, "vae": vae_attention_as_conv(vae), "text_encoder": text}, layout
+
+
+# ---------------------------------------------------------------------------------------------- diffusers folders
+
+_DIFFUSERS_WEIGHT_NAMES = {
+    "unet": ("diffusion_pytorch_model", "model"),
+    "vae": ("diffusion_pytorch_model", "model"),
+    "text_encoder": ("model", "pytorch_model"),
+}
+
+
+def is_diffusers_folder(path):
+    return os.path.isdir(path) and all(os.path.isdir(os.path.join(path, p)) for p in PARTS)
+
+
+def _diffusers_weight_file(folder, part):
+    sub = os.path.join(folder, part)
+    for stem in _DIFFUSERS_WEIGHT_NAMES[part]:
+        for variant in ("", ".fp16"):
+            for ext in (".safetensors", ".bin"):
+                path = os.path.join(sub, stem + variant + ext)
+                if os.path.isfile(path):
+                    return path
+    raise CheckpointError(f"{sub}: no weight file (expected e.g. {_DIFFUSERS_WEIGHT_NAMES[part][0]}.safetensors)")
+
+
+def _read_json(path, required=True):
+    if not os.path.isfile(path):
+        if required:
+            raise CheckpointError(f"{path}: missing")
+        return {}
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def _diffusers_heads(unet, source):
+    """CompVis (num_heads, num_head_channels) from diffusers' head settings.
+
+    diffusers' `attention_head_dim` is, for SD, the number of heads (a historical misnomer) and
+    `num_attention_heads`, when present, overrides it. A per-level list with a constant width per head
+    is CompVis' `num_head_channels` (SD2: 64).
+    """
+    heads = unet.get("num_attention_heads") or unet.get("attention_head_dim", 8)
+    channels = list(unet["block_out_channels"])
+    if isinstance(heads, int):
+        return heads, -1
+    heads = list(heads)
+    widths = {c // h for c, h in zip(channels, heads)}
+    if len(set(heads)) == 1:
+        return heads[0], -1
+    if len(widths) == 1 and all(c % h == 0 for c, h in zip(channels, heads)):
+        return -1, widths.pop()
+    raise CheckpointError(f"{source}: attention heads {heads} for channels {channels} have no CompVis equivalent")
+
+
+def _pad_token(folder):
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        pad = _read_json(os.path.join(folder, "tokenizer", name), required=False).get("pad_token")
+        if isinstance(pad, dict):
+            pad = pad.get("content")
+        if pad:
+            return pad
+    return None
+
+
+def config_from_diffusers(folder):
+    """`ModelConfig` from a diffusers folder's `config.json` files and scheduler config."""
+    from ldm.models import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+
+    unet = _read_json(os.path.join(folder, "unet", "config.json"))
+    vae = _read_json(os.path.join(folder, "vae", "config.json"))
+    text = _read_json(os.path.join(folder, "text_encoder", "config.json"))
+    sched = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), required=False)
+    source = os.path.join(folder, "unet", "config.json")
+
+    channels = list(unet["block_out_channels"])
+    if any(c % channels[0] for c in channels):
+        raise CheckpointError(f"{source}: block_out_channels {channels} are not multiples of the first")
+    attention_levels = [2 ** i for i, t in enumerate(unet["down_block_types"]) if t.startswith("CrossAttn")]
+    depth = unet.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):
+        if len(set(depth)) != 1:
+            raise CheckpointError(f"{source}: per-level transformer depths {depth} are not supported")
+        depth = depth[0]
+    num_heads, num_head_channels = _diffusers_heads(unet, source)
+    unet_cfg = UNetConfig(
+        in_channels=unet.get("in_channels", 4), out_channels=unet.get("out_channels", 4),
+        model_channels=channels[0], attention_resolutions=tuple(attention_levels),
+        num_res_blocks=unet.get("layers_per_block", 2), channel_mult=tuple(c // channels[0] for c in channels),
+        num_heads=num_heads, num_head_channels=num_head_channels, transformer_depth=depth,
+        context_dim=unet.get("cross_attention_dim", 768),
+        use_linear_in_transformer=bool(unet.get("use_linear_projection", False)),
+        norm_num_groups=unet.get("norm_num_groups", 32))
+
+    vae_channels = list(vae["block_out_channels"])
+    vae_cfg = VAEConfig(
+        ch=vae_channels[0], ch_mult=tuple(c // vae_channels[0] for c in vae_channels),
+        num_res_blocks=vae.get("layers_per_block", 2), in_channels=vae.get("in_channels", 3),
+        out_ch=vae.get("out_channels", 3), z_channels=vae.get("latent_channels", 4),
+        embed_dim=vae.get("latent_channels", 4), resolution=vae.get("sample_size", 256),
+        norm_num_groups=vae.get("norm_num_groups", 32))
+
+    act = text.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise CheckpointError(f"{os.path.join(folder, 'text_encoder', 'config.json')}: hidden_act {act!r} is not supported")
+    text_cfg = TextEncoderConfig(
+        vocab_size=text.get("vocab_size", 49408), context_length=text.get("max_position_embeddings", 77),
+        width=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
+        intermediate_size=text["intermediate_size"], use_quick_gelu=act == "quick_gelu",
+        epsilon=float(text.get("layer_norm_eps", 1e-5)),
+        pad_token=_pad_token(folder) or ("<|endoftext|>" if act == "quick_gelu" else "!"))
+
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise CheckpointError(f"{folder}: scheduler prediction_type {prediction!r} is not supported")
+    defaults = ModelConfig()
+    return ModelConfig(
+        unet=unet_cfg, vae=vae_cfg, text_encoder=text_cfg,
+        parameterization="v" if prediction == "v_prediction" else "eps",
+        linear_start=float(sched.get("beta_start", defaults.linear_start)),
+        linear_end=float(sched.get("beta_end", defaults.linear_end)),
+        timesteps=int(sched.get("num_train_timesteps", defaults.timesteps)),
+        scale_factor=float(vae.get("scaling_factor", defaults.scale_factor)),
+        image_size=int(unet.get("sample_size", 64)) * 2 ** (len(vae_channels) - 1))
+
+
+def load_diffusers_folder(folder):
+    """The three state dicts of a diffusers folder in our names, and the files they came from."""
+    files = {part: _diffusers_weight_file(folder, part) for part in PARTS}
+    parts = {
+        "unet": unet_from_diffusers(load_state_dict(files["unet"])),
+        "vae": vae_from_diffusers(load_state_dict(files["vae"])),
+        "text_encoder": text_from_openai(load_state_dict(files["text_encoder"])),
+    }
+    return parts, files
+
+
+# ---------------------------------------------------------------------------------------------- configs from weights
+
+def _count(sd, pattern):
+    return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
+
+
+def infer_config(parts, text_flavour=None):
+    """A `ModelConfig` with every shape-determining field read from converted weights.
+
+    What weights cannot tell (head counts, group counts, schedule, parameterization) comes from the SD
+    release of the same family: SD1 (8 heads, OpenAI CLIP) when the transformers' proj_in is a 1x1 conv,
+    SD2 (64-wide heads, OpenCLIP) when it is linear. `text_flavour` ('openai' or 'openclip') overrides
+    the text encoder's activation and pad token when the layout says which CLIP it is.
+    """
+    from ldm.models import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+
+    unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
+    proj_in = next((v for k, v in unet.items() if k.endswith(".proj_in.weight")), None)
+    linear = proj_in is not None and proj_in.ndim == 2
+    model_channels = unet["input_blocks.0.0.weight"].shape[0]
+
+    mults, attention, level, blocks_in_level, num_res_blocks = [], [], 0, 0, None
+    for i in range(1, _count(unet, r"input_blocks\.(\d+)\.")):
+        if f"input_blocks.{i}.0.op.weight" in unet:
+            num_res_blocks = num_res_blocks or blocks_in_level
+            level, blocks_in_level = level + 1, 0
+            continue
+        if blocks_in_level == 0:
+            mults.append(unet[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] // model_channels)
+            if f"input_blocks.{i}.1.norm.weight" in unet:
+                attention.append(2 ** level)
+        blocks_in_level += 1
+    depth = _count(unet, r"(?:input_blocks|middle_block)\.\d+\.1\.transformer_blocks\.(\d+)\.")
+    context = next((v.shape[1] for k, v in unet.items() if k.endswith("attn2.to_k.weight")), 768)
+    unet_cfg = UNetConfig(
+        in_channels=unet["input_blocks.0.0.weight"].shape[1], out_channels=unet["out.2.weight"].shape[0],
+        model_channels=model_channels, attention_resolutions=tuple(attention),
+        num_res_blocks=num_res_blocks or blocks_in_level, channel_mult=tuple(mults),
+        num_heads=-1 if linear else 8, num_head_channels=64 if linear else -1, transformer_depth=max(depth, 1),
+        context_dim=context, use_linear_in_transformer=linear)
+
+    ch = vae["encoder.conv_in.weight"].shape[0]
+    z = vae["decoder.conv_in.weight"].shape[1]
+    vae_cfg = VAEConfig(
+        ch=ch, in_channels=vae["encoder.conv_in.weight"].shape[1], out_ch=vae["decoder.conv_out.weight"].shape[0],
+        ch_mult=tuple(vae[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch
+                      for i in range(_count(vae, r"encoder\.down\.(\d+)\."))),
+        num_res_blocks=_count(vae, r"encoder\.down\.0\.block\.(\d+)\."), z_channels=z,
+        embed_dim=vae["post_quant_conv.weight"].shape[1],
+        double_z=vae["encoder.conv_out.weight"].shape[0] == 2 * z)
+
+    openclip = (text_flavour or ("openclip" if linear else "openai")) == "openclip"
+    token = text["text_model.embeddings.token_embedding.weight"]
+    width = token.shape[1]
+    text_cfg = TextEncoderConfig(
+        vocab_size=token.shape[0], width=width,
+        context_length=text["text_model.embeddings.position_embedding.weight"].shape[0],
+        layers=_count(text, r"text_model\.encoder\.layers\.(\d+)\."), heads=max(width // 64, 1),
+        intermediate_size=text["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        use_quick_gelu=not openclip, pad_token="!" if openclip else "<|endoftext|>")
+    return ModelConfig(unet=unet_cfg, vae=vae_cfg, text_encoder=text_cfg)
+
+
+def sd_version(cfg):
+    """'2.x' for the SD2 family (linear transformer projections, OpenCLIP), '1.x' otherwise."""
+    return "2.x" if cfg.unet.use_linear_in_transformer else "1.x"
+
+
+_SHAPE_FIELDS = {
+    "unet": ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
+             "attention_resolutions", "context_dim", "use_linear_in_transformer", "transformer_depth"),
+    "vae": ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim"),
+    "text_encoder": ("vocab_size", "width", "layers", "intermediate_size", "context_length"),
+}
+
+
+def check_fits(weights_cfg, cfg, source):
+    """One-line CheckpointError when the weights' architecture differs from the model config's."""
+    if sd_version(weights_cfg) != sd_version(cfg):
+        raise CheckpointError(f"{source}: holds Stable Diffusion {sd_version(weights_cfg)} weights, "
+                              f"but the model config is for SD {sd_version(cfg)}")
+    diffs = [f"{part}.{name} {getattr(getattr(weights_cfg, part), name)} in the file vs "
+             f"{getattr(getattr(cfg, part), name)} in the config"
+             for part, names in _SHAPE_FIELDS.items() for name in names
+             if getattr(getattr(weights_cfg, part), name) != getattr(getattr(cfg, part), name)]
+    if diffs:
+        raise CheckpointError(f"{source}: does not fit the model config: {'; '.join(diffs[:3])}")
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+def load_pretrained(path, model_config=None):
+    """`(ModelConfig, {"unet","vae","text_encoder"}: {name: ndarray}, layout)` for a file or diffusers folder.
+
+    With `model_config`, the weights must fit it (one-line CheckpointError otherwise) and it is returned;
+    without, the config comes from the folder's config files or, for a single file, from the weights'
+    shapes (see `infer_config`).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not is_diffusers_folder(path):
+            raise CheckpointError(f"{path}: a folder but not a diffusers pipeline (needs {', '.join(PARTS)}/)")
+        parts, _ = load_diffusers_folder(path)
+        layout, own_cfg = "diffusers", config_from_diffusers(path)
+        weights_cfg = infer_config(parts, "openai" if own_cfg.text_encoder.use_quick_gelu else "openclip")
+    else:
+        sd = load_state_dict(path)
+        text_layers = model_config.text_encoder.layers if model_config is not None else None
+        parts, layout = split_single_file(sd, path, text_layers)
+        weights_cfg = own_cfg = infer_config(parts)
+    if model_config is None:
+        return own_cfg, parts, layout
+    check_fits(weights_cfg, model_config, path)
+    return model_config, parts, layout
+
+
+def load_into(cell, state_dict, what, source):
+    """Copy `state_dict` into `cell`'s parameters, strictly: every parameter, no extra key, same shapes.
+
+    Values are cast to each parameter's dtype (fp16/bf16 files load into float32 cells).
+    """
+    import mindspore as ms
+
+    params = dict(cell.parameters_and_names())
+    missing = [n for n in params if n not in state_dict]
+    unexpected = [n for n in state_dict if n not in params]
+    mismatched = [f"{n} {tuple(state_dict[n].shape)} in the file vs {tuple(params[n].shape)}"
+                  for n in params if n in state_dict and tuple(state_dict[n].shape) != tuple(params[n].shape)]
+    problems = [f"{label} {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+                if names]
+    if problems:
+        raise CheckpointError(f"{source}: {what} weights do not match the model: {'; '.join(problems)}")
+    for name, param in params.items():
+        param.set_data(ms.Tensor(np.asarray(state_dict[name]), dtype=param.dtype))
+
+
+def build_pretrained(path, model_config=None, dtype=None):
+    """`(ModelConfig, (unet, vae, text_encoder), layout)`: the cells built and loaded from `path`."""
+    import mindspore as ms
+    from ldm.models import build_models
+
+    cfg, parts, layout = load_pretrained(path, model_config)
+    cells = build_models(cfg, dtype=dtype or ms.float32)
+    for cell, part in zip(cells, PARTS):
+        load_into(cell, parts[part], part, path)
+    return cfg, cells, layout
