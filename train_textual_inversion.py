@@ -247,6 +247,7 @@ def train(cfg):
 
     if is_main:
         os.makedirs(os.path.join(cfg.output_path, "state"), exist_ok=True)
+        os.makedirs(weights_dir, exist_ok=True)
         save_resolved(cfg, os.path.join(cfg.output_path, "train_config_resolved.yaml"))
         log_path = os.path.join(cfg.output_path, "loss_log.csv")
         new_log = not (cfg.resume and os.path.exists(log_path))

@@ -18,8 +18,8 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from ldm import samplers
-from ldm.convert import load_into, load_pretrained
-from ldm.models import build_models
+from ldm.convert import build_pretrained
+from ldm.models import load_model_config
 from ldm.pretrained import get_version, resolve_weights
 from ldm.schedule import make_alphas_cumprod
 from ldm.tokenizer import add_placeholder_tokens, expand_placeholders, load_tokenizer, placeholder_names, tokenize
@@ -67,13 +67,16 @@ class StableDiffusion:
         config.json files win.
         """
         path = resolve_weights(version, weights)
-        config_path = model_config or get_version(version).config_path
-        config, state_dicts, layout = load_pretrained(path, config_path)
-        unet, vae, text_encoder = build_models(config, DTYPES[dtype])
-        for what, cell in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-            load_into(cell, state_dicts[what], what, path)
-        tokenizer_dir = os.path.join(path, "tokenizer") if os.path.isdir(path) else None
-        if tokenizer_dir and not os.path.isdir(tokenizer_dir):
+        if model_config:
+            config = load_model_config(model_config)
+        elif os.path.isdir(path):
+            config = None  # the folder's config.json files describe it
+        else:
+            config = load_model_config(get_version(version).config_path)
+        config, (unet, vae, text_encoder), layout = build_pretrained(path, config, DTYPES[dtype])
+        # a diffusers folder's own tokenizer files win; otherwise the shipped CLIP vocabulary
+        tokenizer_dir = os.path.join(path, "tokenizer")
+        if not os.path.isfile(os.path.join(tokenizer_dir, "vocab.json")):
             tokenizer_dir = None
         tokenizer = load_tokenizer(tokenizer_dir, pad_token=config.text_encoder.pad_token)
         logger.info("loaded %s (%s layout) from %s", version, layout, path)
