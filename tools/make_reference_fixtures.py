@@ -18,7 +18,9 @@ Written per flavour (`tiny-sd1`, `tiny-sd2`):
 - `tiny-sd1.ckpt`: the same original SD1 dict saved with `torch.save` (`{"state_dict": ...}`);
 - `tiny-sd2-v/`: the SD2 folder with a v-prediction scheduler (the other parts are symlinks);
 - `<name>-reference.npz`: token ids and text-encoder states for a few prompts, a UNet output and the
-  VAE posterior / decode.
+  VAE posterior / decode;
+- `torch-dtypes.pt` + `torch-dtypes-expected.npz`: tensors of the storage kinds and strided views the
+  pickle reader must handle (bf16 expected as float32).
 """
 import gzip
 import json
@@ -270,8 +272,25 @@ def build(flavour, spec):
                         **references(unet, vae, text, tokenizer, gen))
 
 
+def write_pickle_fixture():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 6, generator=gen)
+    tensors = {
+        "bf16": base.bfloat16(),
+        "fp16_transposed": base.half().t(),                 # non-contiguous strides
+        "int64_offset_view": torch.arange(24).view(4, 6)[1:, 2:5],   # storage offset and row stride
+        "parameter": torch.nn.Parameter(base[0].clone()),
+        "bool": base > 0,
+        "empty": torch.zeros(0, 3),
+    }
+    torch.save({"state_dict": tensors, "epoch": 3, "name": "dtypes"}, os.path.join(FIXTURES, "torch-dtypes.pt"))
+    np.savez(os.path.join(FIXTURES, "torch-dtypes-expected.npz"),
+             **{k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy() for k, v in tensors.items()})
+
+
 def main():
     os.makedirs(FIXTURES, exist_ok=True)
+    write_pickle_fixture()
     for flavour, spec in FLAVOURS.items():
         build(flavour, spec)
         print(f"{flavour}: written and checked against diffusers' original->diffusers conversion")
