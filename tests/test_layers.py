@@ -1,0 +1,117 @@
+"""ldm.modules.layers: the CPU replacements equal the native ops (values and gradients)."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from ldm.modules.layers import Conv2d, GroupNorm, LayerNorm, Linear, attention, upsample_nearest2x
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pynative():
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=previous)
+
+
+def _set(param, array):
+    param.set_data(Tensor(array.astype(np.float32)))
+
+
+# (kernel, stride, padding, pre-pad (left, right, top, bottom), input size)
+CONV_CASES = {
+    "3x3 s1": (3, 1, 1, None, 9),
+    "3x3 s2": (3, 2, 1, None, 9),        # UNet Downsample, odd size: floor division of the output size
+    "1x1": (1, 1, 0, None, 7),
+    "vae downsample": (3, 2, 0, (0, 1, 0, 1), 8),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv2d_im2col_matches_native_forward_and_backward(case):
+    k, stride, padding, prepad, size = CONV_CASES[case]
+    rng = np.random.default_rng(0)
+    conv = Conv2d(6, 5, k, stride=stride, padding=padding)
+    assert conv.im2col  # the CPU path is the one under test
+    w = rng.standard_normal((5, 6, k, k)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    _set(conv.weight, w)
+    _set(conv.bias, b)
+    x = Tensor(rng.standard_normal((2, 6, size, size)).astype(np.float32))
+
+    def ours(x, weight):
+        if prepad:
+            x = ops.pad(x, prepad)
+        return conv(x)
+
+    def native(x, weight):
+        if prepad:
+            x = ops.pad(x, prepad)
+        return ops.conv2d(x, weight, stride=stride, pad_mode="pad", padding=padding) + Tensor(b).reshape(1, -1, 1, 1)
+
+    y_ref = native(x, Tensor(w))
+    y = ours(x, conv.weight)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y.asnumpy(), y_ref.asnumpy(), atol=1e-5, rtol=1e-5)
+
+    cotangent = Tensor(rng.standard_normal(y_ref.shape).astype(np.float32))
+    dx_ref, dw_ref = ms.grad(lambda x, w: (native(x, w) * cotangent).sum(), grad_position=(0, 1))(x, Tensor(w))
+    dx, dw = ms.grad(lambda x: (ours(x, None) * cotangent).sum(), grad_position=0, weights=[conv.weight])(x)
+    np.testing.assert_allclose(dx.asnumpy(), dx_ref.asnumpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(dw[0].asnumpy(), dw_ref.asnumpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_upsample_nearest2x_repeats_pixels():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    y = upsample_nearest2x(Tensor(x)).asnumpy()
+    np.testing.assert_array_equal(y, x.repeat(2, axis=2).repeat(2, axis=3))
+
+
+def _group_norm_np(x, groups, weight, bias, eps):
+    b, c = x.shape[:2]
+    xs = x.reshape(b, groups, -1).astype(np.float64)
+    xs = (xs - xs.mean(-1, keepdims=True)) / np.sqrt(xs.var(-1, keepdims=True) + eps)
+    return xs.reshape(x.shape) * weight.reshape(1, c, 1, 1) + bias.reshape(1, c, 1, 1)
+
+
+def test_group_norm_matches_reference_and_keeps_half_input_dtype():
+    rng = np.random.default_rng(1)
+    norm = GroupNorm(4, 8, eps=1e-6)
+    w, b = rng.standard_normal(8), rng.standard_normal(8)
+    _set(norm.weight, w)
+    _set(norm.bias, b)
+    x = (3 + 2 * rng.standard_normal((2, 8, 5, 5))).astype(np.float32)
+    np.testing.assert_allclose(norm(Tensor(x)).asnumpy(), _group_norm_np(x, 4, w, b, 1e-6), atol=1e-5)
+    y16 = norm(Tensor(x, ms.float16))
+    assert y16.dtype == ms.float16
+    ref16 = _group_norm_np(x.astype(np.float16).astype(np.float32), 4, w, b, 1e-6)
+    np.testing.assert_allclose(y16.asnumpy().astype(np.float32), ref16, atol=1e-2)
+
+
+def test_layer_norm_and_linear_use_torch_layouts():
+    rng = np.random.default_rng(2)
+    lin = Linear(6, 3)
+    assert lin.weight.shape == (3, 6) and lin.bias.shape == (3,)
+    w, b = rng.standard_normal((3, 6)), rng.standard_normal(3)
+    _set(lin.weight, w)
+    _set(lin.bias, b)
+    x = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    np.testing.assert_allclose(lin(Tensor(x)).asnumpy(), x @ w.T + b, atol=1e-5)
+
+    ln = LayerNorm(6, eps=1e-5)
+    g = rng.standard_normal(6)
+    _set(ln.weight, g)
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * g
+    np.testing.assert_allclose(ln(Tensor(x)).asnumpy(), ref, atol=1e-5)
+
+
+def test_attention_matches_softmax_reference_with_mask():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((3, 5, 4)).astype(np.float32) for _ in range(3))
+    mask = np.triu(np.full((5, 5), -1e9, np.float32), k=1)
+    scores = q @ k.transpose(0, 2, 1) * 0.5 + mask
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = (weights / weights.sum(-1, keepdims=True)) @ v
+    out = attention(Tensor(q), Tensor(k), Tensor(v), 0.5, Tensor(mask))
+    np.testing.assert_allclose(out.asnumpy(), ref, atol=1e-5)
