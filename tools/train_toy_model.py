@@ -1,0 +1,371 @@
+"""Dev tool: train the tiny SD-family model of the toy shapes world and write it as a diffusers folder.
+
+Runs in the dev venv (torch + diffusers + transformers), never in the product:
+
+    nice -n 5 /work/devvenv/bin/python tools/train_toy_model.py --out models/tiny-sd
+
+Stages, each checkpointed under --work so an interrupted run resumes:
+  1. image pool from the generator (base-model pool excludes purple stars, held-out triples and the
+     outlined style; the autoencoder also sees those, as SD's VAE has seen everything),
+  2. AutoencoderKL (8x down, 4x16x16 latents),
+  3. latents of the base pool, scale factor = 1 / latent std,
+  4. UNet2DConditionModel + CLIPTextModel trained together (eps prediction, SD scaled-linear
+     schedule, 10% empty captions for classifier-free guidance), EMA weights exported,
+  5. fp16 diffusers folder with the real CLIP tokenizer files.
+"""
+import argparse
+import gzip
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data import toy_world as tw  # noqa: E402
+
+BPE_PATH = os.path.join(ROOT, "ldm", "bpe_simple_vocab_16e6.txt.gz")
+
+
+def log(msg):
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def bytes_to_unicode():
+    """OpenAI CLIP's reversible byte -> printable unicode map (the BPE works on these characters)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def clip_vocab_and_merges():
+    lines = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")
+    # Line 0 is a version header; CLIP uses exactly the first 49152 - 256 - 2 merges.
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    tokens = list(bytes_to_unicode().values())
+    tokens += [t + "</w>" for t in tokens]
+    tokens += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def build_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    ids = tok("a photo of a cat").input_ids
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407], ids
+    return tok
+
+
+def save_tokenizer_files(folder):
+    """vocab.json + merges.txt + configs, the slow-tokenizer file set every loader understands
+    (transformers 5 itself would only write tokenizer.json)."""
+    os.makedirs(folder, exist_ok=True)
+    vocab, merges = clip_vocab_and_merges()
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+                   "do_lower_case": True, "clean_up_tokenization_spaces": True}, f, indent=2)
+
+
+# ---------------------------------------------------------------- models
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=128, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64), layers_per_block=1)
+
+
+TEXT_WIDTH = 64
+
+
+def make_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                         hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=TEXT_WIDTH,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return CLIPTextModel(cfg)
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    # attention_head_dim is diffusers' (SD1-legacy) name for the number of heads: CompVis num_heads=4.
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=4, use_linear_projection=False, norm_num_groups=32)
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon",
+                         steps_offset=1)
+
+
+class Budget:
+    """Training progress in [0, 1] from steps or wall time, whichever runs out first: the machine is
+    shared, so a fixed step count could overrun the time the project has. Drives a warmup + cosine lr."""
+
+    def __init__(self, steps, minutes, start_step=0, used_seconds=0.0):
+        self.steps, self.seconds = steps, minutes * 60.0
+        self.t0 = time.time() - used_seconds
+        self.step = start_step
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+    def progress(self):
+        return max(self.step / self.steps, self.elapsed() / self.seconds)
+
+    def lr_factor(self, warmup=0.03):
+        p = self.progress()
+        return min(1.0, p / warmup) * 0.5 * (1 + np.cos(np.pi * min(p, 1.0))) + 1e-3
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+# ---------------------------------------------------------------- stages
+
+def image_pools(work, n_base, n_extra):
+    path = os.path.join(work, "images.npz")
+    if os.path.exists(path):
+        z = np.load(path, allow_pickle=True)
+        return z["base"], list(z["scenes"]), z["extra"]
+    t = time.time()
+    rng = random.Random(0)
+    combos = tw.training_combos()
+    scenes = [tw.random_scene(rng, combos) for _ in range(n_base)]
+    base = np.stack([tw.render(s) for s in scenes])
+    # Autoencoder-only images: what TI will ask it to decode but the base model never learns.
+    extra_sc = [tw.random_scene(rng, [c for c in tw.all_combos() if (c[0], c[1]) == tw.PURPLE_STAR])
+                for _ in range(n_extra // 4)]
+    extra_sc += [tw.random_scene(rng, tw.heldout_combos()) for _ in range(n_extra // 4)]
+    extra_sc += [tw.random_scene(rng, None, tw.STYLE) for _ in range(n_extra - 2 * (n_extra // 4))]
+    extra = np.stack([tw.render(s) for s in extra_sc])
+    np.savez(path, base=base, scenes=np.array(scenes, dtype=object), extra=extra)
+    log(f"image pools: {len(base)} base + {len(extra)} autoencoder-only in {time.time() - t:.0f}s")
+    return base, scenes, extra
+
+
+def to_tensor(u8):
+    return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def random_crops(u8, size, g):
+    n, h, w, _ = u8.shape
+    ys, xs = g.integers(0, h - size + 1, n), g.integers(0, w - size + 1, n)
+    return np.stack([im[y:y + size, x:x + size] for im, y, x in zip(u8, ys, xs)])
+
+
+def train_vae(work, images, steps, minutes, batch):
+    path = os.path.join(work, "vae")
+    vae = make_vae()
+    if os.path.exists(os.path.join(path, "config.json")):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(path)
+    log(f"VAE params {n_params(vae) / 1e6:.2f}M")
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    budget = Budget(steps, minutes)
+    g = np.random.default_rng(1)
+    step = 0
+    while budget.progress() < 1.0:
+        step = budget.step = step + 1
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * budget.lr_factor(0.05)
+        # Mostly 64 px crops (4x cheaper, the autoencoder is convolutional), then full frames so
+        # the mid-block attention settles on the 16x16 latent grid it will decode.
+        full = budget.progress() > 0.75
+        pick = images[g.integers(0, len(images), batch if full else 2 * batch)]
+        x = to_tensor(pick if full else random_crops(pick, 64, g))
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        # L1 keeps flat colours and edges sharp; the KL term only keeps the latent scale sane.
+        kl = post.kl().mean() / (4 * 16 * 16)
+        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == 1:
+            log(f"vae step {step} progress {budget.progress():.2f} loss {loss.item():.4f} kl {kl.item():.2f} "
+                f"{budget.elapsed() / step:.2f}s/step")
+    vae.save_pretrained(path)
+    check_vae(vae, images[-200:], os.path.join(work, "vae_recon.png"))
+    return vae
+
+
+@torch.no_grad()
+def check_vae(vae, images, png):
+    """Judge accuracy on reconstructions: the upper bound for anything the UNet samples."""
+    vae.eval()
+    rec = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    ok = [verdict(tw.judge(r)) == verdict(tw.judge(i)) for r, i in zip(rec, images)]
+    log(f"VAE reconstructions judged like their originals: {np.mean(ok):.3f} (of {len(ok)})")
+    from PIL import Image
+
+    Image.fromarray(np.concatenate([np.concatenate(list(images[:8]), 1), np.concatenate(list(rec[:8]), 1)])).save(png)
+
+
+def verdict(v):
+    return (v.shape, v.fg, v.bg, v.style)
+
+
+@torch.no_grad()
+def encode_latents(work, vae, images):
+    path = os.path.join(work, "latents.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    t = time.time()
+    vae.eval()
+    lat = np.concatenate([vae.encode(to_tensor(images[i:i + 64])).latent_dist.mean.numpy()
+                          for i in range(0, len(images), 64)])
+    np.save(path, lat)
+    log(f"latents {lat.shape} in {time.time() - t:.0f}s, std {lat.std():.3f}")
+    return lat
+
+
+def train_unet(work, latents, scenes, scale, steps, minutes, batch, lr):
+    tok = build_tokenizer()
+    unet, te = make_unet(), make_text_encoder()
+    log(f"UNet params {n_params(unet) / 1e6:.2f}M, text encoder {n_params(te) / 1e6:.2f}M")
+    params = list(unet.parameters()) + list(te.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ckpt = os.path.join(work, "unet_ckpt.pt")
+    start, used = 0, 0.0
+    if os.path.exists(ckpt):
+        st = torch.load(ckpt)
+        unet.load_state_dict(st["unet"])
+        te.load_state_dict(st["te"])
+        opt.load_state_dict(st["opt"])
+        ema = st["ema"]
+        start, used = st["step"], st["seconds"]
+        log(f"resumed at step {start}")
+    noise_sched = make_scheduler()
+    acp = noise_sched.alphas_cumprod
+    lat = torch.from_numpy(latents) * scale
+    g = np.random.default_rng(2 + start)
+    rng = random.Random(3 + start)
+    budget = Budget(steps, minutes, start, used)
+    step = start
+    while budget.progress() < 1.0:
+        step = budget.step = step + 1
+        for group in opt.param_groups:
+            group["lr"] = lr * budget.lr_factor()
+        idx = g.integers(0, len(lat), batch)
+        # Fresh caption per visit so every template/phrasing is seen with every image.
+        caps = ["" if rng.random() < 0.1 else tw.caption(scenes[i], rng) for i in idx]
+        ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        x0 = lat[idx]
+        noise = torch.randn_like(x0)
+        t = torch.from_numpy(g.integers(0, 1000, batch))
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        ctx = te(ids).last_hidden_state
+        loss = F.mse_loss(unet(xt, t, ctx).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        if step % 25 == 0 or step == start + 1:
+            log(f"unet step {step} progress {budget.progress():.3f} loss {loss.item():.4f} "
+                f"{(budget.elapsed() - used) / (step - start):.2f}s/step")
+        if step % 200 == 0 or budget.progress() >= 1.0:
+            torch.save({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
+                        "ema": ema, "step": step, "seconds": budget.elapsed()}, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    return unet, te, tok
+
+
+def export(out, vae, unet, te, tok, scale):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    vae.register_to_config(scaling_factor=float(scale))
+    # DDIM carries every SD schedule field loaders read (clip_sample, set_alpha_to_one, steps_offset).
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
+                          clip_sample=False, prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    tok_dir = os.path.join(out, "tokenizer")
+    save_tokenizer_files(tok_dir)
+    # tokenizer.json from transformers 5 duplicates vocab/merges (2 MB); the slow files suffice.
+    tj = os.path.join(tok_dir, "tokenizer.json")
+    if os.path.exists(tj):
+        os.remove(tj)
+    log(f"wrote {out}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(ROOT, "models", "tiny-sd"))
+    ap.add_argument("--work", default=os.path.join(ROOT, "output", "tiny-sd-train"))
+    ap.add_argument("--n-base", type=int, default=6000)
+    ap.add_argument("--n-extra", type=int, default=1200)
+    ap.add_argument("--vae-steps", type=int, default=900)
+    ap.add_argument("--vae-minutes", type=float, default=12.0)
+    ap.add_argument("--vae-batch", type=int, default=8)
+    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-minutes", type=float, default=30.0)
+    ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    os.makedirs(a.work, exist_ok=True)
+    base, scenes, extra = image_pools(a.work, a.n_base, a.n_extra)
+    vae = train_vae(a.work, np.concatenate([base, extra]), a.vae_steps, a.vae_minutes, a.vae_batch)
+    lat = encode_latents(a.work, vae, base)
+    scale = 1.0 / float(lat.std())
+    unet, te, tok = train_unet(a.work, lat, scenes, scale, a.unet_steps, a.unet_minutes, a.unet_batch, a.lr)
+    export(a.out, vae, unet, te, tok, scale)
+
+
+if __name__ == "__main__":
+    main()
