@@ -289,7 +289,8 @@ def _load_mindspore(path):
 
 # ---------------------------------------------------------------------------------------------- entry points
 
-def _sniff(path):
+def sniff_format(path):
+    """'safetensors', 'torch-zip', 'mindspore', 'legacy-pickle' or 'unknown', from the first bytes."""
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
@@ -309,7 +310,7 @@ def load_state_dict(path):
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
-    kind = _sniff(path)
+    kind = sniff_format(path)
     if kind == "safetensors":
         return _load_safetensors(path)
     if kind == "mindspore":

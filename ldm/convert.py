@@ -495,6 +495,16 @@ def load_pretrained(path, model_config=None):
     return model_config, parts, layout
 
 
+def compare_keys(cell, state_dict):
+    """`(missing, unexpected, mismatched)` name lists of `state_dict` against `cell`'s parameters."""
+    params = dict(cell.parameters_and_names())
+    missing = [n for n in params if n not in state_dict]
+    unexpected = [n for n in state_dict if n not in params]
+    mismatched = [f"{n} {tuple(state_dict[n].shape)} in the file vs {tuple(params[n].shape)}"
+                  for n in params if n in state_dict and tuple(state_dict[n].shape) != tuple(params[n].shape)]
+    return missing, unexpected, mismatched
+
+
 def load_into(cell, state_dict, what, source):
     """Copy `state_dict` into `cell`'s parameters, strictly: every parameter, no extra key, same shapes.
 
@@ -502,17 +512,13 @@ def load_into(cell, state_dict, what, source):
     """
     import mindspore as ms
 
-    params = dict(cell.parameters_and_names())
-    missing = [n for n in params if n not in state_dict]
-    unexpected = [n for n in state_dict if n not in params]
-    mismatched = [f"{n} {tuple(state_dict[n].shape)} in the file vs {tuple(params[n].shape)}"
-                  for n in params if n in state_dict and tuple(state_dict[n].shape) != tuple(params[n].shape)]
+    missing, unexpected, mismatched = compare_keys(cell, state_dict)
     problems = [f"{label} {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
                 for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
                 if names]
     if problems:
         raise CheckpointError(f"{source}: {what} weights do not match the model: {'; '.join(problems)}")
-    for name, param in params.items():
+    for name, param in cell.parameters_and_names():
         param.set_data(ms.Tensor(np.asarray(state_dict[name]), dtype=param.dtype))
 
 

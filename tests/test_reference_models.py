@@ -5,6 +5,7 @@ store, so a correct conversion reproduces them to float32 rounding in either exe
 """
 import os
 import re
+import sys
 
 import mindspore as ms
 import numpy as np
@@ -161,6 +162,25 @@ def test_strict_load_lists_missing_unexpected_and_shape_mismatch(models):
     for piece in ("missing 1 (encoder.conv_in.bias)", "unexpected 1 (encoder.extra.weight)",
                   "decoder.conv_out.weight (3, 8, 1, 1) in the file vs (3, 8, 3, 3)"):
         assert piece in message
+
+
+def test_inspect_tool_reports_layout_version_and_key_diff():
+    sys.path.insert(0, os.path.join(os.path.dirname(FIXTURES), "..", "tools"))
+    from inspect_checkpoint import describe
+
+    lines = []
+    assert describe(os.path.join(FIXTURES, "tiny-sd2.safetensors"), os.path.join(FIXTURES, "tiny-sd2"),
+                    out=lines.append)
+    text = "\n".join(lines)
+    assert "layout: original CompVis/Stability single file" in text and "version: SD 2.x" in text
+    assert "unet: 324 tensors" in text and "float16" in text
+    assert "text_encoder: missing 0, unexpected 0, shape mismatch 0" in text
+    lines.clear()
+    assert describe(os.path.join(FIXTURES, "tiny-sd2-v"), out=lines.append)
+    assert "  prediction: v (scheduler config)" in lines
+    lines.clear()
+    assert not describe(os.path.join(FIXTURES, "tiny-sd1.ckpt"), os.path.join(FIXTURES, "tiny-sd2"), out=lines.append)
+    assert "Stable Diffusion 1.x weights, but the model config is for SD 2.x" in lines[-1]
 
 
 # mindone's names (examples/stable_diffusion_v2: tools/model_conversion/ms_names_v2.txt, text_encoder.py),
