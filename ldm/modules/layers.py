@@ -10,6 +10,8 @@ Every CPU workaround of the project lives in this file (measured numbers: docs/p
 - `ops.interpolate(scale_factor=..., mode="nearest")` fails on 4-D input on CPU: pass `size=`.
 - `mint.arange` and `mint.nn.functional.conv2d` have no CPU kernel: the cells use `ops.*` and numpy
   constants instead.
+- Broadcast adds are slow on CPU (a `[C]` bias onto `[N, C]`: ~7x a same-shape add), so biases go
+  through `ops.BiasAdd`.
 GroupNorm (`ops.group_norm`), attention (BatchMatMul with transpose_b + softmax) and nearest
 upsampling (`ops.interpolate`) were measured against hand-written alternatives and are the faster.
 """
@@ -36,11 +38,17 @@ class Linear(nn.Cell):
         bound = 1.0 / math.sqrt(in_features)
         self.weight = _uniform(bound, (out_features, in_features), "weight")
         self.bias = _uniform(bound, (out_features,), "bias") if bias else None
+        self.out_features = out_features
         self.dtype = dtype
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
-        bias = self.bias.astype(self.dtype) if self.bias is not None else None
-        return ops.dense(x.astype(self.dtype), self.weight.astype(self.dtype), bias)
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]).astype(self.dtype), self.weight.astype(self.dtype))
+        if self.bias is not None:
+            y = self.bias_add(y, self.bias.astype(self.dtype))
+        return y.reshape(shape[:-1] + (self.out_features,))
 
 
 class Conv2d(nn.Cell):
@@ -62,6 +70,7 @@ class Conv2d(nn.Cell):
         self.dtype = dtype
         self.im2col = _on_cpu()
         self.pointwise = kernel_size == 1 and stride == 1 and padding == 0
+        self.bias_add = ops.BiasAdd(data_format="NCHW")
 
     def construct(self, x):
         x = x.astype(self.dtype)
@@ -81,7 +90,7 @@ class Conv2d(nn.Cell):
         else:
             y = ops.conv2d(x, weight, stride=self.stride, pad_mode="pad", padding=self.padding)
         if self.bias is not None:
-            y = y + self.bias.astype(self.dtype).reshape(1, -1, 1, 1)
+            y = self.bias_add(y, self.bias.astype(self.dtype))
         return y
 
 

@@ -1,0 +1,110 @@
+"""Time the ops ldm/modules/layers.py chose between: native MindSpore kernel vs an alternative.
+
+    python tools/benchmark_ops.py [--repeat 3] [--device CPU]
+
+Prints a markdown table (forward and forward+backward milliseconds, PyNative, float32) of the shapes
+SD's UNet runs at 256 px (32x32 latents, 320 channels). The numbers in docs/performance.md come from here.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mindspore as ms  # noqa: E402
+from mindspore import Tensor, ops  # noqa: E402
+
+from ldm.modules import layers  # noqa: E402
+
+
+def _block(out):
+    for t in out if isinstance(out, tuple) else (out,):
+        t.asnumpy()
+
+
+def _ms(fn, args, repeat):
+    _block(fn(*args))  # warm-up (kernel selection, first allocation)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        _block(fn(*args))
+    return (time.perf_counter() - start) / repeat * 1000
+
+
+def _fwd_bwd(fn, argnums):
+    return ms.grad(lambda *a: (fn(*a) ** 2).sum(), grad_position=argnums)
+
+
+def _cases(rng):
+    def randn(*shape):
+        return Tensor(rng.standard_normal(shape).astype(np.float32))
+
+    # conv 3x3 320->320, 32x32: ops.conv2d vs our im2col + matmul
+    conv = layers.Conv2d(320, 320, 3, padding=1)
+    conv.im2col = True
+    conv_x = randn(1, 320, 32, 32)
+    conv_w = Tensor(conv.weight.asnumpy())
+    conv_b = Tensor(conv.bias.asnumpy()).reshape(1, -1, 1, 1)
+
+    def conv_native(x):
+        return ops.conv2d(x, conv_w, pad_mode="pad", padding=1) + conv_b
+
+    # GroupNorm 32 groups over [2, 320, 32, 32]: ops.group_norm vs reshape + mean/var
+    gn_x, gn_w, gn_b = randn(2, 320, 32, 32), randn(320), randn(320)
+
+    def gn_native(x):
+        return ops.group_norm(x, 32, gn_w, gn_b, 1e-5)
+
+    def gn_manual(x):
+        xs = x.reshape(2, 32, -1)
+        mean = xs.mean(-1, keep_dims=True)
+        var = ((xs - mean) ** 2).mean(-1, keep_dims=True)
+        y = ((xs - mean) * ops.rsqrt(var + 1e-5)).reshape(x.shape)
+        return y * gn_w.reshape(1, -1, 1, 1) + gn_b.reshape(1, -1, 1, 1)
+
+    # attention, 2 x 8 heads, 1024 tokens, 40 per head: BatchMatMul(transpose_b) vs matmul of a transpose
+    q, k, v = randn(16, 1024, 40), randn(16, 1024, 40), randn(16, 1024, 40)
+
+    def attn_ours(q, k, v):
+        return layers.attention(q, k, v, 40 ** -0.5)
+
+    def attn_transpose(q, k, v):
+        return ops.matmul(ops.softmax(ops.matmul(q * 40 ** -0.5, k.swapaxes(1, 2)), -1), v)
+
+    # nearest 2x upsample of [2, 320, 32, 32]: interpolate(size=) vs broadcast + reshape
+    up_x = randn(2, 320, 32, 32)
+
+    def up_broadcast(x):
+        return ops.broadcast_to(x[:, :, :, None, :, None], (2, 320, 32, 2, 32, 2)).reshape(2, 320, 64, 64)
+
+    return [
+        ("conv 3x3 320->320, 32x32", conv_native, conv, (conv_x,), 0, "im2col + matmul"),
+        ("GroupNorm 32 groups, 2x320x32x32", gn_native, gn_manual, (gn_x,), 0, "native"),
+        ("attention 16x1024x40", attn_ours, attn_transpose, (q, k, v), (0, 1, 2), "native (BatchMatMul nt)"),
+        ("nearest 2x upsample 2x320x32x32", layers.upsample_nearest2x, up_broadcast, (up_x,), 0, "native (size=)"),
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", default="CPU")
+    args = parser.parse_args()
+    ms.set_device(args.device)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+    print("| op | native fwd ms | alternative fwd ms | native fwd+bwd ms | alternative fwd+bwd ms | layers.py uses |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, native, alternative, inputs, argnums, used in _cases(np.random.default_rng(0)):
+        # the native conv takes seconds on CPU: one timed run is enough to show it
+        repeat = 1 if name.startswith("conv") else args.repeat
+        times = [_ms(native, inputs, repeat), _ms(alternative, inputs, args.repeat),
+                 _ms(_fwd_bwd(native, argnums), inputs, repeat),
+                 _ms(_fwd_bwd(alternative, argnums), inputs, args.repeat)]
+        print(f"| {name} | " + " | ".join(f"{t:.1f}" for t in times) + f" | {used} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
