@@ -73,14 +73,16 @@ def init_runtime(cfg):
     return get_rank(), get_group_size()
 
 
-def all_reduce_mean(array, world):
-    if world == 1:
-        return array
-    from mindspore.communication.comm_func import all_reduce
+class AllReduceMean(nn.Cell):
+    """Mean over the data-parallel ranks (a Cell: the functional all_reduce has no CPU kernel)."""
 
-    out = all_reduce(Tensor(array))
-    out = out[0] if isinstance(out, tuple) else out
-    return out.asnumpy() / world
+    def __init__(self, world):
+        super().__init__()
+        self.world = world
+        self.all_reduce = ops.AllReduce()
+
+    def construct(self, x):
+        return self.all_reduce(x) / self.world
 
 
 def check_output_writable(path):
@@ -158,10 +160,12 @@ def train(cfg):
     weights = os.path.join(cfg.pretrained_model_path, cfg.pretrained_model_file or "") \
         if cfg.pretrained_model_path else None
     sd = StableDiffusion.load(cfg.version, weights, cfg.model_config, cfg.dtype)
-    table = sd.text_encoder.text_model.embeddings.token_embedding.weight.asnumpy()
+    placeholder_ids = sd.add_placeholder(cfg.placeholder_token, np.zeros((cfg.num_vectors, sd.embedding_dim)))
+    # after adding the placeholder, so that an initializer naming it is refused
     init_ids = initializer_ids(sd.tokenizer, cfg.initializer_token) if cfg.initializer_token else None
+    table = sd.text_encoder.text_model.embeddings.token_embedding.weight.asnumpy()
     vectors = init_vectors(table, init_ids, cfg.num_vectors, seed=cfg.seed)
-    placeholder_ids = sd.add_placeholder(cfg.placeholder_token, vectors)
+    sd.set_placeholder_vectors(placeholder_ids, vectors)
     logger.info("placeholder %s -> token ids %s, initialised from %r",
                 cfg.placeholder_token, placeholder_ids, cfg.initializer_token or "random (std 0.01)")
 
@@ -186,6 +190,7 @@ def train(cfg):
     # --- train step: loss and gradient w.r.t. the vectors only --------------------------------------
     loss_net = TextualInversionLoss(sd.unet, sd.text_encoder, sd.alphas_cumprod, sd.config.parameterization)
     grad_fn = ms.value_and_grad(loss_net, grad_position=0)
+    reduce_mean = AllReduceMean(world) if world > 1 else None
     optimizer = Adam(vectors.shape, tuple(cfg.betas), cfg.weight_decay, decoupled=cfg.optim == "adamw")
     loss_scale = DynamicLossScale(cfg.init_loss_scale if cfg.dtype != "fp32" else 1.0,
                                   cfg.loss_scale_factor, cfg.scale_window)
@@ -273,8 +278,9 @@ def train(cfg):
                                Tensor(loss_scale.scale, ms.float32))
             loss += float(value.asnumpy()) / loss_scale.scale / cfg.gradient_accumulation_steps
             grad += g.asnumpy() / loss_scale.scale / cfg.gradient_accumulation_steps
-        grad = all_reduce_mean(grad, world)
-        loss = float(all_reduce_mean(np.float32(loss), world))
+        if world > 1:
+            grad = reduce_mean(Tensor(grad)).asnumpy()
+            loss = float(reduce_mean(Tensor(np.float32(loss))).asnumpy())
         finite = bool(np.isfinite(grad).all() and np.isfinite(loss))
         if cfg.dtype == "fp32" and not finite:
             raise FloatingPointError(f"loss became {loss} at step {step + 1}; last good embedding: {last_saved}. "

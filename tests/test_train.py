@@ -1,0 +1,165 @@
+"""Textual Inversion training mechanics on the tiny random-weight SD1 reference model (tests/fixtures).
+
+Learning itself is tested on the trained toy-world model (test_toy_learning.py): a random model's loss
+barely depends on the text. Here: the gradient, that nothing but the vectors moves, the script's
+outputs, resume, and every bad input.
+"""
+
+import os
+import shutil
+
+import mindspore as ms
+import numpy as np
+import pytest
+from PIL import Image
+
+import train_textual_inversion as T
+from ldm.embeddings import load_embedding
+from ldm.pipeline import StableDiffusion
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
+DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "examples", "purple_star")
+TINY_YAML = "configs/train/train_config_textual_inversion_tiny.yaml"
+
+
+def run(tmp_path, *extra, output="out"):
+    argv = ["--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
+            "--version", "1.5", "--image_size", "64", "--validation_prompt", "none", "--mode", "0",
+            "--output_path", str(tmp_path / output), *extra]
+    return T.main(argv)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model = StableDiffusion.load("1.5", FIXTURE)
+    model.add_placeholder("<t>", np.random.default_rng(0).standard_normal((2, model.embedding_dim)).astype(np.float32)
+                          * 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch(sd):
+    rng = np.random.default_rng(1)
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    noise = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    ids = sd.token_ids(["a photo of <t>", "a <t> on a blue background"])
+    return [ms.Tensor(latents), ms.Tensor(ids), ms.Tensor(noise), ms.Tensor(np.array([50, 700], np.int32)),
+            ms.Tensor(1.0, ms.float32)]
+
+
+@pytest.fixture(scope="module")
+def grad_fn(sd):
+    loss = T.TextualInversionLoss(sd.unet, sd.text_encoder, sd.alphas_cumprod, "eps")
+    return ms.value_and_grad(loss, grad_position=0)
+
+
+def test_gradient_matches_finite_differences(sd, batch, grad_fn):
+    vectors = sd.extra_embeddings.copy()
+    _, grad = grad_fn(ms.Tensor(vectors), *batch)
+    grad = grad.asnumpy()
+    assert grad.shape == vectors.shape and np.abs(grad).max() > 0
+    direction = np.random.default_rng(2).standard_normal(vectors.shape).astype(np.float32)
+    direction /= np.linalg.norm(direction)
+    h = 1e-2
+    plus = float(grad_fn(ms.Tensor(vectors + h * direction), *batch)[0].asnumpy())
+    minus = float(grad_fn(ms.Tensor(vectors - h * direction), *batch)[0].asnumpy())
+    numeric = (plus - minus) / (2 * h)
+    analytic = float(np.sum(grad * direction))
+    assert numeric == pytest.approx(analytic, rel=2e-2, abs=1e-6)
+
+
+def test_only_the_vectors_change(sd, batch, grad_fn):
+    cells = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoder}
+    before = {f"{k}.{n}": p.asnumpy().copy() for k, c in cells.items() for n, p in c.parameters_and_names()}
+    vectors = sd.extra_embeddings.copy()
+    optimizer = T.Adam(vectors.shape, weight_decay=1e-2)
+    for _ in range(3):
+        _, grad = grad_fn(ms.Tensor(vectors), *batch)
+        vectors = optimizer.step(vectors, grad.asnumpy(), 1e-2)
+    assert not np.allclose(vectors, sd.extra_embeddings)
+    after = {f"{k}.{n}": p.asnumpy() for k, c in cells.items() for n, p in c.parameters_and_names()}
+    assert before.keys() == after.keys()
+    changed = [n for n in before if not np.array_equal(before[n], after[n])]
+    assert changed == []
+    # the model weights are frozen: no parameter asks for a gradient
+    assert all(not p.requires_grad for c in cells.values() for p in c.get_parameters())
+
+
+def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path):
+    common = ["--num_vectors", "2", "--gradient_accumulation_steps", "2", "--train_batch_size", "2",
+              "--scheduler", "linear", "--start_learning_rate", "5e-3", "--decay_steps", "4",
+              "--ckpt_save_interval", "2"]
+    assert run(tmp_path, *common, "--max_steps", "4", output="full") == 0
+    full = tmp_path / "full"
+    ckpts = sorted(os.listdir(full / "weights"))
+    assert ckpts == ["SDv1.5_textual_inversion_2_ti.ckpt", "SDv1.5_textual_inversion_4_ti.ckpt"]
+    emb = load_embedding(str(full / "weights" / ckpts[1]))
+    assert emb.token == "<my-shape>" and emb.vectors.shape == (2, 6)
+    first = load_embedding(str(full / "weights" / ckpts[0]))
+    assert not np.array_equal(first.vectors, emb.vectors)
+    log = (full / "loss_log.csv").read_text().splitlines()
+    assert log[0] == "step,loss,lr,loss_scale,seconds" and len(log) == 5
+    lrs = [float(line.split(",")[2]) for line in log[1:]]
+    assert lrs == pytest.approx([5e-3 + (1e-7 - 5e-3) * s / 4 for s in range(4)])
+    assert (full / "train_config_resolved.yaml").exists()
+    assert Image.open(full / "loss.png").size == (640, 360)
+
+    # stop after 2 steps (same schedule), then resume to 4: identical to the uninterrupted run
+    assert run(tmp_path, *common, "--max_steps", "2", output="split") == 0
+    assert run(tmp_path, *common, "--max_steps", "4", "--resume", "latest", output="split") == 0
+    resumed = load_embedding(str(tmp_path / "split" / "weights" / ckpts[1]))
+    np.testing.assert_allclose(resumed.vectors, emb.vectors, rtol=0, atol=1e-7)
+    assert len((tmp_path / "split" / "loss_log.csv").read_text().splitlines()) == 5
+
+
+def _image_dir(tmp_path, name, files):
+    folder = tmp_path / name
+    folder.mkdir()
+    for fname, content in files.items():
+        (folder / fname).write_bytes(content)
+    return str(folder)
+
+
+def _expect_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err and err[-1].startswith("error: ")
+    for needle in needles:
+        assert needle in err[-1], err[-1]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--num_vectors", "0"], ["num_vectors"]),
+    (["--learning_rate", "1e-4"], ["learning_rate", "start_learning_rate"]),
+    (["--max_steps", "many"], ["max_steps"]),
+    (["--initializer_token", "<my-shape>"], ["<my-shape>", "placeholder"]),
+    (["--placeholder_token", "cat"], ["'cat'", "already exists"]),
+    (["--model_config", "configs/v2-inference.yaml"], ["tiny-sd1", "2.x"]),
+    (["--train_data_dir", "does/not/exist"], ["does/not/exist"]),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needles):
+    code = run(tmp_path, "--max_steps", "1", *args)
+    _expect_error(capsys, code, *needles)
+    assert not (tmp_path / "out" / "weights").exists() or not os.listdir(tmp_path / "out" / "weights")
+
+
+def test_bad_image_folders(tmp_path, capsys):
+    empty = _image_dir(tmp_path, "empty", {})
+    _expect_error(capsys, run(tmp_path, "--train_data_dir", empty), "empty")
+    texts = _image_dir(tmp_path, "texts", {"a.txt": b"hello"})
+    _expect_error(capsys, run(tmp_path, "--train_data_dir", texts), "texts")
+    corrupt = _image_dir(tmp_path, "corrupt", {"a.png": b"\x89PNG\r\n\x1a\nbroken"})
+    _expect_error(capsys, run(tmp_path, "--train_data_dir", corrupt), "corrupt")
+
+
+def test_output_path_not_writable_or_holding_a_run(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _expect_error(capsys, run(tmp_path, "--output_path", str(blocker / "sub")), "output_path")
+    weights = tmp_path / "out" / "weights"
+    weights.mkdir(parents=True)
+    earlier = weights / "SDv1.5_textual_inversion_9_ti.ckpt"
+    earlier.write_bytes(b"earlier run")
+    _expect_error(capsys, run(tmp_path, "--max_steps", "1"), "--resume latest")
+    assert earlier.read_bytes() == b"earlier run"
