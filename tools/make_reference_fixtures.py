@@ -150,27 +150,27 @@ def to_openclip(text_sd, width, gen):
     return out
 
 
-def original_layout(unet, vae, text, flavour, gen):
+def original_layout(unet, vae, text, openclip, gen, linear_vae_attention=False):
     """The CompVis/Stability single-file dict (fp16 torch tensors)."""
     half = lambda sd: {k: v.detach().half() for k, v in sd.items()}  # noqa: E731
     sd = {"model.diffusion_model." + k: v for k, v in half(unet_from_diffusers(unet.state_dict())).items()}
     vae_sd = half(vae_from_diffusers(vae.state_dict()))
-    if flavour == "tiny-sd2":
+    if linear_vae_attention:
         # some released files keep the VAE attention as linear weights
         vae_sd = {k: (v[:, :, 0, 0] if v.ndim == 4 and ".attn_1." in k else v) for k, v in vae_sd.items()}
     sd.update({"first_stage_model." + k: v for k, v in vae_sd.items()})
-    if flavour == "tiny-sd1":
+    if openclip:
+        converted = to_openclip(half(text_state(text)), text.config.hidden_size, gen)
+        sd.update({"cond_stage_model.model." + k: v for k, v in converted.items()})
+    else:
         sd.update({"cond_stage_model.transformer." + k: v for k, v in half(text_state(text)).items()})
         sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    else:
-        openclip = to_openclip(half(text_state(text)), WIDTH, gen)
-        sd.update({"cond_stage_model.model." + k: v for k, v in openclip.items()})
     # schedule buffers every released file carries; loaders ignore them
     sd["alphas_cumprod"] = torch.linspace(0.999, 0.005, 1000)
     return sd
 
 
-def check_against_diffusers(sd, unet, vae, text, flavour):
+def check_against_diffusers(sd, unet, vae, text, openclip):
     """Convert the original dict back with diffusers' functions: it must give our models' weights exactly."""
     def same(converted, model, what, allowed_extra=()):
         expected = text_state(model) if model is text else model.state_dict()
@@ -181,14 +181,14 @@ def check_against_diffusers(sd, unet, vae, text, flavour):
 
     same(sfu.convert_ldm_unet_checkpoint(sd, dict(unet.config)), unet, "unet")
     same(sfu.convert_ldm_vae_checkpoint(sd, dict(vae.config)), vae, "vae")
-    if flavour == "tiny-sd1":
-        converted = sfu.convert_ldm_clip_checkpoint(sd)
-        same(converted, text, "text", allowed_extra={"text_model.embeddings.position_ids"})
-    else:
-        # diffusers drops OpenCLIP block 23 by name; the tiny model's dropped block is the last one
+    if openclip:
+        # diffusers drops OpenCLIP block 23 by name; a tiny model's dropped block is its last one
         last = text.config.num_hidden_layers
         kept = {k: v for k, v in sd.items() if f"resblocks.{last}." not in k}
         same(sfu.convert_open_clip_checkpoint(text, kept), text, "text", allowed_extra={"text_projection.weight"})
+    else:
+        converted = sfu.convert_ldm_clip_checkpoint(sd)
+        same(converted, text, "text", allowed_extra={"text_model.embeddings.position_ids"})
 
 
 def write_folder(folder, unet, vae, text, flavour, pad):
@@ -263,8 +263,9 @@ def build(flavour, spec):
     tokenizer = make_tokenizer(spec["pad"])
 
     write_folder(os.path.join(FIXTURES, flavour), unet, vae, text, flavour, spec["pad"])
-    original = original_layout(unet, vae, text, flavour, gen)
-    check_against_diffusers(original, unet, vae, text, flavour)
+    sd2 = flavour == "tiny-sd2"
+    original = original_layout(unet, vae, text, sd2, gen, linear_vae_attention=sd2)
+    check_against_diffusers(original, unet, vae, text, sd2)
     save_file({k: v.contiguous() for k, v in original.items()}, os.path.join(FIXTURES, flavour + ".safetensors"))
     if flavour == "tiny-sd1":
         torch.save({"state_dict": original, "global_step": 0}, os.path.join(FIXTURES, flavour + ".ckpt"))
