@@ -80,8 +80,6 @@ def _load_safetensors(path):
                     out[name] = _bf16_to_f32(raw.reshape(info["shape"]))
                 else:
                     out[name] = f.get_tensor(name)
-    except CheckpointError:
-        raise
     except Exception as e:  # safetensors raises its own error type for any malformed file
         raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
     return out

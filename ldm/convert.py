@@ -369,14 +369,10 @@ def config_from_diffusers(folder):
 
 
 def load_diffusers_folder(folder):
-    """The three state dicts of a diffusers folder in our names, and the files they came from."""
-    files = {part: _diffusers_weight_file(folder, part) for part in PARTS}
-    parts = {
-        "unet": unet_from_diffusers(load_state_dict(files["unet"])),
-        "vae": vae_from_diffusers(load_state_dict(files["vae"])),
-        "text_encoder": text_from_openai(load_state_dict(files["text_encoder"])),
-    }
-    return parts, files
+    """The three state dicts of a diffusers folder, in our names."""
+    converters = {"unet": unet_from_diffusers, "vae": vae_from_diffusers, "text_encoder": text_from_openai}
+    return {part: convert(load_state_dict(_diffusers_weight_file(folder, part)))
+            for part, convert in converters.items()}
 
 
 # ---------------------------------------------------------------------------------------------- configs from weights
@@ -481,7 +477,7 @@ def load_pretrained(path, model_config=None):
     if os.path.isdir(path):
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path}: a folder but not a diffusers pipeline (needs {', '.join(PARTS)}/)")
-        parts, _ = load_diffusers_folder(path)
+        parts = load_diffusers_folder(path)
         layout, own_cfg = "diffusers", config_from_diffusers(path)
         weights_cfg = infer_config(parts, "openai" if own_cfg.text_encoder.use_quick_gelu else "openclip")
     else:
