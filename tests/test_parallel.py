@@ -3,7 +3,6 @@
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 
@@ -22,7 +21,7 @@ def free_port():
 def test_two_workers_equal_one_process(tmp_path):
     steps = ["--max_steps", "2", "--gradient_accumulation_steps", "2"]
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
-           f"--log_dir={tmp_path / 'logs'}", "--join=True", sys.executable, "train_textual_inversion.py",
+           f"--log_dir={tmp_path / 'logs'}", "--join=True", "python", "train_textual_inversion.py",
            "--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
            "--version", "1.5", "--image_size", "64", "--validation_prompt", "none", "--mode", "0", *steps,
            "--train_batch_size", "1", "--use_parallel", "true", "--output_path", str(tmp_path / "dp")]
