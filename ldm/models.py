@@ -5,7 +5,7 @@ The YAML layout is the one of CompVis/mindone `configs/*.yaml`: everything sits 
 `cond_stage_config`, each carrying `target` and `params`. Keys that only matter to mindone's own
 training code (use_fp16, use_checkpoint, legacy, monitor, lossconfig, ...) are accepted and ignored.
 """
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import yaml
 import mindspore as ms
@@ -87,8 +87,10 @@ def _typed(cls, params):
             value = tuple(value)
         elif isinstance(default, bool):
             value = bool(value)
-        elif isinstance(default, (int, float)):
-            value = type(default)(float(value)) if isinstance(default, float) else int(value)
+        elif isinstance(default, float):
+            value = float(value)
+        elif isinstance(default, int):
+            value = int(value)
         elif isinstance(default, str):
             value = str(value)
         kwargs[f.name] = value
@@ -121,9 +123,8 @@ def model_config_from_dict(config: dict, path="<dict>") -> ModelConfig:
         vae_params["embed_dim"] = first["embed_dim"]
     vae = _typed(VAEConfig, vae_params)
 
-    cond_section = mp["cond_stage_config"] if "cond_stage_config" in mp else {}
     text_params = dict(_section(mp, "cond_stage_config", path))
-    if "OpenCLIP" in str(cond_section.get("target", "")):
+    if "OpenCLIP" in str(mp["cond_stage_config"].get("target", "")):
         # OpenCLIP ViT-H text tower: exact gelu and "!" padding unless the file says otherwise
         text_params.setdefault("use_quick_gelu", False)
         text_params.setdefault("pad_token", "!")
@@ -131,19 +132,15 @@ def model_config_from_dict(config: dict, path="<dict>") -> ModelConfig:
         text_params["intermediate_size"] = 4 * int(text_params["width"])
     text = _typed(TextEncoderConfig, text_params)
 
-    top = _typed(ModelConfig, {k: v for k, v in mp.items()
-                               if k in ("parameterization", "linear_start", "linear_end",
-                                        "timesteps", "scale_factor")})
-    # model.params.image_size is the latent size; the sample size in pixels is that times the VAE factor
-    image_size = top.image_size
+    top = {k: mp[k] for k in ("parameterization", "linear_start", "linear_end", "timesteps", "scale_factor")
+           if k in mp}
     if "image_size" in mp:
-        image_size = int(mp["image_size"]) * 2 ** (len(vae.ch_mult) - 1)
-    if top.parameterization not in ("eps", "v"):
-        raise ValueError(f"{path}: parameterization must be 'eps' or 'v', got {top.parameterization!r}")
-    return ModelConfig(unet=unet, vae=vae, text_encoder=text,
-                       parameterization=top.parameterization, linear_start=top.linear_start,
-                       linear_end=top.linear_end, timesteps=top.timesteps,
-                       scale_factor=top.scale_factor, image_size=image_size)
+        # model.params.image_size is the latent size; the sample size in pixels is that times the VAE factor
+        top["image_size"] = int(mp["image_size"]) * 2 ** (len(vae.ch_mult) - 1)
+    cfg = replace(_typed(ModelConfig, top), unet=unet, vae=vae, text_encoder=text)
+    if cfg.parameterization not in ("eps", "v"):
+        raise ValueError(f"{path}: parameterization must be 'eps' or 'v', got {cfg.parameterization!r}")
+    return cfg
 
 
 def load_model_config(path) -> ModelConfig:
