@@ -283,8 +283,8 @@ def train(cfg):
             loss = float(reduce_mean(Tensor(np.float32(loss))).asnumpy())
         finite = bool(np.isfinite(grad).all() and np.isfinite(loss))
         if cfg.dtype == "fp32" and not finite:
-            raise FloatingPointError(f"loss became {loss} at step {step + 1}; last good embedding: {last_saved}. "
-                                     "Lower start_learning_rate or enable clip_grad")
+            raise FloatingPointError(f"the loss ({loss}) or its gradient is not finite at step {step + 1}; last good "
+                                     f"embedding: {last_saved}. Lower start_learning_rate or enable clip_grad")
         if loss_scale.update(finite):
             if cfg.clip_grad:
                 grad, _ = clip_grad_norm(grad, cfg.max_grad_norm)

@@ -6,8 +6,9 @@ vocabulary; their vectors live in `extra_embeddings` (`[N, D]`), which the text 
 ids, so the 49408-row table is never resized or written.
 
 Initial latents are framework independent: iteration j of a run with seed s draws the whole batch as
-`numpy.random.default_rng(s + j).standard_normal((n, 4, H // 8, W // 8), dtype=float32)`, so the same
-seed gives the same image on any machine, and the same image as diffusers fed the same latents.
+`numpy.random.default_rng(s + j).standard_normal((n, 4, H // f, W // f), dtype=float32)`, f being the
+VAE's downsampling factor (8 for every SD model), so the same seed gives the same image on any machine,
+and the same image as diffusers fed the same latents.
 """
 
 import logging
@@ -29,16 +30,18 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 
 
-class _Call(nn.Cell):
-    """Graph-mode entry point for a method other than `construct` (VAE encode/decode)."""
+class VAEGraph(nn.Cell):
+    """Graph-mode entry point for the VAE's encoder or decoder (methods other than `construct`)."""
 
-    def __init__(self, cell, method):
+    def __init__(self, vae, decode):
         super().__init__()
-        self.cell = cell
-        self.method = method
+        self.vae = vae
+        self.decode = decode
 
     def construct(self, x):
-        return getattr(self.cell, self.method)(x)
+        if self.decode:
+            return self.vae.decode(x)
+        return self.vae.encode(x)
 
 
 class StableDiffusion:
@@ -56,8 +59,10 @@ class StableDiffusion:
         self.embedding_dim = config.text_encoder.width
         self.placeholders = {}  # placeholder -> its token names
         self.extra_embeddings = np.zeros((0, self.embedding_dim), np.float32)
-        self._encode = _Call(vae, "encode")
-        self._decode = _Call(vae, "decode")
+        # the VAE halves the resolution between consecutive levels
+        self.latent_factor = 2 ** (len(config.vae.ch_mult) - 1)
+        self._encode = VAEGraph(vae, decode=False)
+        self._decode = VAEGraph(vae, decode=True)
 
     @classmethod
     def load(cls, version, weights=None, model_config=None, dtype="fp32"):
@@ -142,9 +147,10 @@ class StableDiffusion:
         return (images, z) if return_latents else images
 
 
-def initial_latents(seed, n, height, width, channels=4):
+def initial_latents(seed, n, height, width, channels=4, factor=8):
     """The documented, framework-independent initial noise (see the module docstring)."""
-    return np.random.default_rng(seed).standard_normal((n, channels, height // 8, width // 8), dtype=np.float32)
+    return np.random.default_rng(seed).standard_normal((n, channels, height // factor, width // factor),
+                                                       dtype=np.float32)
 
 
 def image_grid(images, cols=None):

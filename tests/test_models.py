@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor
 
+from ldm.pipeline import VAEGraph
 from ldm.models import (ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, build_models, load_model_config,
                         model_config_from_dict)
 from ldm.modules.openaimodel import timestep_embedding, timestep_frequencies
@@ -50,24 +51,12 @@ def _inputs():
     )
 
 
-class _Method(nn.Cell):
-    """Makes a method other than construct a graph of its own in GRAPH_MODE."""
-
-    def __init__(self, cell, method):
-        super().__init__()
-        self.cell = cell
-        self.method = method
-
-    def construct(self, x):
-        return getattr(self.cell, self.method)(x)
-
-
 def _run(models, inp):
     unet, vae, te = models
     ctx = te(inp["ids"], inp["extra"])
     eps = unet(inp["x"], inp["t"], ctx)
-    mean, logvar = _Method(vae, "encode")(inp["img"])
-    dec = _Method(vae, "decode")(mean)
+    mean, logvar = VAEGraph(vae, decode=False)(inp["img"])
+    dec = VAEGraph(vae, decode=True)(mean)
     return ctx.asnumpy(), eps.asnumpy(), mean.asnumpy(), logvar.asnumpy(), dec.asnumpy()
 
 

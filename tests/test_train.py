@@ -6,7 +6,10 @@ outputs, resume, and every bad input.
 """
 
 import os
-import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import mindspore as ms
 import numpy as np
@@ -20,6 +23,7 @@ from ldm.pipeline import StableDiffusion
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "examples", "purple_star")
 TINY_YAML = "configs/train/train_config_textual_inversion_tiny.yaml"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(tmp_path, *extra, output="out"):
@@ -163,3 +167,36 @@ def test_output_path_not_writable_or_holding_a_run(tmp_path, capsys):
     earlier.write_bytes(b"earlier run")
     _expect_error(capsys, run(tmp_path, "--max_steps", "1"), "--resume latest")
     assert earlier.read_bytes() == b"earlier run"
+
+
+def test_non_finite_gradient_stops_and_keeps_the_last_good_embedding(tmp_path, capsys):
+    # an absurd learning rate blows the vectors up to ~1e38; the next gradient overflows
+    code = run(tmp_path, "--start_learning_rate", "1e38", "--scheduler", "constant", "--max_steps", "4",
+               "--ckpt_save_interval", "1")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1
+    assert "not finite at step 3" in err and "SDv1.5_textual_inversion_2_ti.ckpt" in err
+    weights = tmp_path / "out" / "weights"
+    assert sorted(os.listdir(weights)) == ["SDv1.5_textual_inversion_1_ti.ckpt", "SDv1.5_textual_inversion_2_ti.ckpt"]
+    assert np.isfinite(load_embedding(str(weights / "SDv1.5_textual_inversion_2_ti.ckpt")).vectors).all()
+
+
+def test_sigterm_saves_a_resumable_state(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train_textual_inversion.py", "--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE,
+           "--model_config", "none", "--version", "1.5", "--image_size", "64", "--validation_prompt", "none",
+           "--max_steps", "1000", "--ckpt_save_interval", "1000", "--output_path", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "loss_log.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = len(log.read_text().splitlines()) - 1
+    assert 2 <= step < 1000
+    assert (out / "state" / f"train_state_{step:07d}.npz").exists()
+    assert (out / "weights" / f"SDv1.5_textual_inversion_{step}_ti.ckpt").exists()
