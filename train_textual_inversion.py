@@ -266,43 +266,42 @@ def train(cfg):
 
     # --- loop ----------------------------------------------------------------------------------------
     last_saved = None
-    bar = tqdm(total=max_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    while step < max_steps:
-        t0 = time.time()
-        lr = learning_rate(step, **lr_kwargs)
-        grad = np.zeros_like(vectors)
-        loss = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            latents, ids, noise, timesteps = micro_batch()
-            value, g = grad_fn(Tensor(vectors), Tensor(latents), Tensor(ids), Tensor(noise), Tensor(timesteps),
-                               Tensor(loss_scale.scale, ms.float32))
-            loss += float(value.asnumpy()) / loss_scale.scale / cfg.gradient_accumulation_steps
-            grad += g.asnumpy() / loss_scale.scale / cfg.gradient_accumulation_steps
-        if world > 1:
-            grad = reduce_mean(Tensor(grad)).asnumpy()
-            loss = float(reduce_mean(Tensor(np.float32(loss))).asnumpy())
-        finite = bool(np.isfinite(grad).all() and np.isfinite(loss))
-        if cfg.dtype == "fp32" and not finite:
-            raise FloatingPointError(f"the loss ({loss}) or its gradient is not finite at step {step + 1}; last good "
-                                     f"embedding: {last_saved}. Lower start_learning_rate or enable clip_grad")
-        if loss_scale.update(finite):
-            if cfg.clip_grad:
-                grad, _ = clip_grad_norm(grad, cfg.max_grad_norm)
-            vectors = optimizer.step(vectors, grad, lr)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if is_main:
-            log.writerow([step, f"{loss:.6f}", f"{lr:.6e}", loss_scale.scale, f"{time.time() - t0:.3f}"])
-            log_file.flush()
-            if step % cfg.ckpt_save_interval == 0 or step == max_steps or stop:
-                last_saved = save_embedding(step)
-            if cfg.validation_prompt and step % cfg.validation_steps == 0:
-                validate(step)
-        if stop:
-            logger.warning("stopped by signal %d at step %d; resume with --resume latest", stop["signal"], step)
-            return 128 + stop["signal"]
-    bar.close()
+    with tqdm(total=max_steps, initial=step, disable=not is_main, dynamic_ncols=True) as bar:
+        while step < max_steps:
+            t0 = time.time()
+            lr = learning_rate(step, **lr_kwargs)
+            grad = np.zeros_like(vectors)
+            loss = 0.0
+            for _ in range(cfg.gradient_accumulation_steps):
+                latents, ids, noise, timesteps = micro_batch()
+                value, g = grad_fn(Tensor(vectors), Tensor(latents), Tensor(ids), Tensor(noise), Tensor(timesteps),
+                                   Tensor(loss_scale.scale, ms.float32))
+                loss += float(value.asnumpy()) / loss_scale.scale / cfg.gradient_accumulation_steps
+                grad += g.asnumpy() / loss_scale.scale / cfg.gradient_accumulation_steps
+            if world > 1:
+                grad = reduce_mean(Tensor(grad)).asnumpy()
+                loss = float(reduce_mean(Tensor(np.float32(loss))).asnumpy())
+            finite = bool(np.isfinite(grad).all() and np.isfinite(loss))
+            if cfg.dtype == "fp32" and not finite:
+                raise FloatingPointError(f"the loss ({loss}) or its gradient is not finite at step {step + 1}; last good "
+                                         f"embedding: {last_saved}. Lower start_learning_rate or enable clip_grad")
+            if loss_scale.update(finite):
+                if cfg.clip_grad:
+                    grad, _ = clip_grad_norm(grad, cfg.max_grad_norm)
+                vectors = optimizer.step(vectors, grad, lr)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if is_main:
+                log.writerow([step, f"{loss:.6f}", f"{lr:.6e}", loss_scale.scale, f"{time.time() - t0:.3f}"])
+                log_file.flush()
+                if step % cfg.ckpt_save_interval == 0 or step == max_steps or stop:
+                    last_saved = save_embedding(step)
+                if cfg.validation_prompt and step % cfg.validation_steps == 0:
+                    validate(step)
+            if stop:
+                logger.warning("stopped by signal %d at step %d; resume with --resume latest", stop["signal"], step)
+                return 128 + stop["signal"]
 
     if is_main:
         log_file.close()
