@@ -107,12 +107,13 @@ def generate(args):
     prompts = read_prompts(args)
     version = get_version(args.version)
     height, width = args.H or version.image_size, args.W or version.image_size
-    if height % 8 or width % 8:
-        raise ValueError(f"--H/--W must be multiples of 8 (the VAE downsamples by 8), got {height}x{width}")
     scale = args.scale if args.scale is not None else (9.0 if args.version.startswith("2") else 7.5)
     sampler = next((flag for flag in SAMPLER_FLAGS if getattr(args, flag)), "dpm_solver")
 
     sd = StableDiffusion.load(args.version, args.ckpt_path, args.config, args.dtype)
+    f = sd.latent_factor
+    if height % f or width % f:
+        raise ValueError(f"--H/--W must be multiples of {f} (this VAE downsamples by {f}), got {height}x{width}")
     used = []
     for i, path in enumerate(args.ti_ckpt_path):
         emb = load_embedding(path, args.ti_token[i] if i < len(args.ti_token) else None)
@@ -127,7 +128,7 @@ def generate(args):
     all_images = []
     for prompt in prompts:
         for j in range(args.n_iter):
-            latents = initial_latents(args.seed + j, args.n_samples, height, width)
+            latents = initial_latents(args.seed + j, args.n_samples, height, width, factor=f)
             images = sd.sample([prompt] * args.n_samples, latents, sampler=sampler, steps=args.sampling_steps,
                                scale=scale, negative_prompt=args.negative_prompt, eta=args.ddim_eta,
                                rng=np.random.default_rng([args.seed + j, 1]) if args.ddim_eta > 0 else None)
