@@ -29,7 +29,8 @@ def judge_prompt(sd, prompt, n, seed=0, steps=20, scale=7.5, batch=8):
     for j in range(0, n, batch):
         k = min(batch, n - j)
         size = sd.config.image_size
-        images = sd.sample([prompt] * k, initial_latents(seed + j // batch, k, size, size), steps=steps, scale=scale)
+        latents = initial_latents(seed + j // batch, k, size, size, factor=sd.latent_factor)
+        images = sd.sample([prompt] * k, latents, steps=steps, scale=scale)
         verdicts += [judge(img) for img in images]
     return verdicts
 
