@@ -239,7 +239,8 @@ def train(cfg):
     def validate(at_step):
         sd.set_placeholder_vectors(placeholder_ids, vectors)
         n, size = cfg.num_validation_images, cfg.image_size
-        images = sd.sample([cfg.validation_prompt] * n, initial_latents(cfg.seed, n, size, size, factor=sd.latent_factor))
+        latents = initial_latents(cfg.seed, n, size, size, factor=sd.latent_factor)
+        images = sd.sample([cfg.validation_prompt] * n, latents)
         path = os.path.join(cfg.output_path, "validation", f"step_{at_step:07d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_write(path) as tmp:
