@@ -192,8 +192,10 @@ def train(cfg):
     grad_fn = ms.value_and_grad(loss_net, grad_position=0)
     reduce_mean = AllReduceMean(world) if world > 1 else None
     optimizer = Adam(vectors.shape, tuple(cfg.betas), cfg.weight_decay, decoupled=cfg.optim == "adamw")
-    loss_scale = DynamicLossScale(cfg.init_loss_scale if cfg.dtype != "fp32" else 1.0,
-                                  cfg.loss_scale_factor, cfg.scale_window)
+    # fp32 needs no loss scaling: a fixed scale of 1
+    fp32 = cfg.dtype == "fp32"
+    loss_scale = DynamicLossScale(1.0 if fp32 else cfg.init_loss_scale, 1.0 if fp32 else cfg.loss_scale_factor,
+                                  cfg.scale_window)
     rng = np.random.default_rng([cfg.seed, 2])
     step = 0
     if cfg.resume:
@@ -283,7 +285,7 @@ def train(cfg):
                 grad = reduce_mean(Tensor(grad)).asnumpy()
                 loss = float(reduce_mean(Tensor(np.float32(loss))).asnumpy())
             finite = bool(np.isfinite(grad).all() and np.isfinite(loss))
-            if cfg.dtype == "fp32" and not finite:
+            if fp32 and not finite:
                 raise FloatingPointError(f"the loss ({loss}) or its gradient is not finite at step {step + 1}; last good "
                                          f"embedding: {last_saved}. Lower start_learning_rate or enable clip_grad")
             if loss_scale.update(finite):
