@@ -115,3 +115,20 @@ def test_attention_matches_softmax_reference_with_mask():
     ref = (weights / weights.sum(-1, keepdims=True)) @ v
     out = attention(Tensor(q), Tensor(k), Tensor(v), 0.5, Tensor(mask))
     np.testing.assert_allclose(out.asnumpy(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_backward_equals_autodiff_of_the_plain_formula(masked):
+    """attention's written-out backward against autodiff of softmax(q k^T * scale + mask) v."""
+    rng = np.random.default_rng(4)
+    q, k, v, w = (Tensor(rng.standard_normal((3, 6, 4)).astype(np.float32)) for _ in range(4))
+    mask = Tensor(np.triu(np.full((6, 6), -1e9, np.float32), k=1)) if masked else None
+
+    def plain(q, k, v):
+        scores = ops.BatchMatMul(transpose_b=True)(q * 0.5, k)
+        return ops.bmm(ops.softmax(scores if mask is None else scores + mask, axis=-1), v)
+
+    ours = ms.grad(lambda q, k, v: (attention(q, k, v, 0.5, mask) * w).sum(), grad_position=(0, 1, 2))(q, k, v)
+    ref = ms.grad(lambda q, k, v: (plain(q, k, v) * w).sum(), grad_position=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), atol=1e-5)

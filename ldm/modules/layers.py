@@ -6,13 +6,18 @@ convolutions run in the cell's `dtype`; normalizations and softmax run in float3
 Every CPU workaround of the project lives in this file (measured numbers: docs/performance.md):
 - MindSpore's CPU Conv2D kernel is pathologically slow (3x3 320->320 at 32x32 takes seconds), while
   its matmul is fast, so on CPU a convolution is im2col (`ops.unfold`) + matmul; a 1x1 convolution
-  is a plain matmul. Other targets use the native kernel.
+  is a plain matmul. Other targets use the native kernel. The matmul is a BatchMatMul of the weight
+  (given a batch axis) and the columns: `ops.matmul` of a 2-D weight with 3-D columns copies the
+  broadcast weight and transposes explicitly in its backward.
+- The generic softmax backward makes four passes over the attention scores; `attention` has its own
+  backward with two. With the BatchMatMul convolution: TI step of the `small` benchmark model at
+  256 px 2.18 -> 1.55 s.
 - `ops.interpolate(scale_factor=..., mode="nearest")` fails on 4-D input on CPU: pass `size=`.
 - `mint.arange` and `mint.nn.functional.conv2d` have no CPU kernel: the cells use `ops.*` and numpy
   constants instead.
 - Broadcast adds are slow on CPU (a `[C]` bias onto `[N, C]`: ~7x a same-shape add), so biases go
   through `ops.BiasAdd`.
-GroupNorm (`ops.group_norm`), attention (BatchMatMul with transpose_b + softmax) and nearest
+GroupNorm (`ops.group_norm`), attention's products (BatchMatMul with transpose_b) and nearest
 upsampling (`ops.interpolate`) were measured against hand-written alternatives and are the faster.
 """
 import math
@@ -71,6 +76,7 @@ class Conv2d(nn.Cell):
         self.im2col = _on_cpu()
         self.pointwise = kernel_size == 1 and stride == 1 and padding == 0
         self.bias_add = ops.BiasAdd(data_format="NCHW")
+        self.bmm = ops.BatchMatMul()
 
     def construct(self, x):
         x = x.astype(self.dtype)
@@ -78,15 +84,17 @@ class Conv2d(nn.Cell):
         if self.im2col:
             b, c, h, w = x.shape
             if self.pointwise:
-                y = ops.matmul(weight.reshape(self.out_channels, c), x.reshape(b, c, h * w))
+                cols = x.reshape(b, c, h * w)
                 oh, ow = h, w
             else:
                 # unfold orders rows channel-major then kernel row/col: the layout of weight.reshape(out, -1)
                 cols = ops.unfold(x, self.kernel_size, 1, self.padding, self.stride)
-                y = ops.matmul(weight.reshape(self.out_channels, -1), cols)
                 oh = (h + 2 * self.padding - self.kernel_size) // self.stride + 1
                 ow = (w + 2 * self.padding - self.kernel_size) // self.stride + 1
-            y = y.reshape(b, self.out_channels, oh, ow)
+            weight = weight.reshape(1, self.out_channels, -1)
+            if b > 1:
+                weight = ops.broadcast_to(weight, (b,) + weight.shape[1:])
+            y = self.bmm(weight, cols).reshape(b, self.out_channels, oh, ow)
         else:
             y = ops.conv2d(x, weight, stride=self.stride, pad_mode="pad", padding=self.padding)
         if self.bias is not None:
@@ -152,6 +160,38 @@ def upsample_nearest2x(x):
 
 
 _bmm_nt = ops.BatchMatMul(transpose_b=True)
+_bmm_tn = ops.BatchMatMul(transpose_a=True)
+
+
+class _Attention(nn.Cell):
+    """softmax(q k^T [+ mask]) v with the backward written out (q comes scaled).
+
+    The generic softmax backward makes four passes over the `[B*heads, L, M]` scores
+    (dP * P, its row sum, the subtraction, * P); the row sum equals rowsum(dO * O) over the much smaller
+    `[B*heads, L, d]` output, which leaves two. P is returned as a second output for the backward.
+    """
+
+    def __init__(self, masked):
+        super().__init__()
+        self.masked = masked
+
+    def construct(self, q, k, v, mask):
+        scores = _bmm_nt(q, k).astype(ms.float32)
+        if self.masked:
+            scores = scores + mask
+        weights = ops.softmax(scores, axis=-1).astype(v.dtype)
+        return ops.bmm(weights, v), weights
+
+    def bprop(self, q, k, v, mask, out, dout):
+        o, weights = out
+        do = dout[0]
+        delta = (do * o).astype(ms.float32).sum(-1, keepdims=True)
+        ds = (weights.astype(ms.float32) * (_bmm_nt(do, v).astype(ms.float32) - delta)).astype(q.dtype)
+        return ops.bmm(ds, k), _bmm_tn(ds, q), _bmm_tn(weights, do), ops.zeros_like(mask)
+
+
+_attention = _Attention(masked=False)
+_masked_attention = _Attention(masked=True)
 
 
 def attention(q, k, v, scale, mask=None):
@@ -159,11 +199,9 @@ def attention(q, k, v, scale, mask=None):
 
     q is scaled before the product so that half-precision scores stay in range.
     """
-    scores = _bmm_nt(q * scale, k).astype(ms.float32)
-    if mask is not None:
-        scores = scores + mask
-    weights = ops.softmax(scores, axis=-1).astype(v.dtype)
-    return ops.bmm(weights, v)
+    if mask is None:
+        return _attention(q * scale, k, v, ops.zeros((), q.dtype))[0]
+    return _masked_attention(q * scale, k, v, mask)[0]
 
 
 def zero_(cell):
