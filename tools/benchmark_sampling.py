@@ -68,10 +68,11 @@ def torch_side(spec_path, out_path):
     spec = json.load(open(spec_path))
     folder = spec["folder"]
     inputs = np.load(spec["inputs"])
-    text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).eval()
+    fp32 = dict(torch_dtype=torch.float32)   # folders may hold fp16 weights
+    text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **fp32).eval()
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(os.path.join(folder, "vae")), text_encoder=text, tokenizer=None,
-        unet=UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")), scheduler=None,
+        vae=AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), **fp32), text_encoder=text, tokenizer=None,
+        unet=UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), **fp32), scheduler=None,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     base = PNDMScheduler(**SCHEDULER)

@@ -281,7 +281,7 @@ def torch_side(spec_path, out_path):
 
     def step():
         loss = loss_fn()
-        result["loss"] = float(loss)
+        result["loss"] = float(loss.detach())
         result["grad"] = torch.autograd.grad(loss, vectors)[0].numpy().tolist()
 
     def forward():
