@@ -152,7 +152,7 @@ class Budget:
 
     def lr_factor(self, warmup=0.03):
         p = self.progress()
-        return min(1.0, p / warmup) * 0.5 * (1 + np.cos(np.pi * min(p, 1.0))) + 1e-3
+        return float(min(1.0, p / warmup) * 0.5 * (1 + np.cos(np.pi * min(p, 1.0))) + 1e-3)
 
 
 def n_params(m):
@@ -192,13 +192,18 @@ def random_crops(u8, size, g):
     return np.stack([im[y:y + size, x:x + size] for im, y, x in zip(u8, ys, xs)])
 
 
+def load_vae(path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(path) if os.path.exists(os.path.join(path, "config.json")) else None
+
+
 def train_vae(work, images, steps, minutes, batch):
     path = os.path.join(work, "vae")
+    vae = load_vae(os.path.join(work, "vae_decoder_ft")) or load_vae(path)
+    if vae is not None:
+        return vae
     vae = make_vae()
-    if os.path.exists(os.path.join(path, "config.json")):
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL.from_pretrained(path)
     log(f"VAE params {n_params(vae) / 1e6:.2f}M")
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     budget = Budget(steps, minutes)
@@ -227,6 +232,36 @@ def train_vae(work, images, steps, minutes, batch):
     vae.save_pretrained(path)
     check_vae(vae, images[-200:], os.path.join(work, "vae_recon.png"))
     return vae
+
+
+def finetune_decoder(work, images, minutes, batch):
+    """More decoder training with the encoder frozen: the latents the UNet learned stay valid, only
+    their decoding sharpens (what SD's ft-MSE VAE did). Runs beside the UNet stage."""
+    vae = load_vae(os.path.join(work, "vae"))
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    budget = Budget(10 ** 9, minutes)
+    g = np.random.default_rng(5)
+    step = 0
+    while budget.progress() < 1.0:
+        step = budget.step = step + 1
+        for group in opt.param_groups:
+            group["lr"] = 5e-4 * budget.lr_factor(0.02)
+        x = to_tensor(images[g.integers(0, len(images), batch)])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0:
+            log(f"decoder step {step} progress {budget.progress():.2f} loss {loss.item():.4f}")
+    vae.save_pretrained(os.path.join(work, "vae_decoder_ft"))
+    check_vae(vae, images[-200:], os.path.join(work, "vae_decoder_ft_recon.png"))
 
 
 @torch.no_grad()
@@ -270,7 +305,7 @@ def train_unet(work, latents, scenes, scale, steps, minutes, batch, lr):
     ckpt = os.path.join(work, "unet_ckpt.pt")
     start, used = 0, 0.0
     if os.path.exists(ckpt):
-        st = torch.load(ckpt)
+        st = torch.load(ckpt, weights_only=False)  # our own file; holds plain floats besides tensors
         unet.load_state_dict(st["unet"])
         te.load_state_dict(st["te"])
         opt.load_state_dict(st["opt"])
@@ -298,7 +333,13 @@ def train_unet(work, latents, scenes, scale, steps, minutes, batch, lr):
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         ctx = te(ids).last_hidden_state
-        loss = F.mse_loss(unet(xt, t, ctx).sample, noise)
+        # Eps error is tiny at high noise (x_t is nearly the noise), yet that is where layout and
+        # colours, i.e. what the text decides, are made: weight those steps like an x0 error
+        # (1/snr, capped at 20), and damp the easy low-noise steps like min-SNR-5.
+        snr = a.view(-1) / (1 - a.view(-1))
+        per = ((unet(xt, t, ctx).sample - noise) ** 2).mean(dim=(1, 2, 3))
+        w = torch.where(snr < 1, (1 / snr).clamp(max=20.0), snr.clamp(max=5.0) / snr)
+        loss = (per * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -347,21 +388,30 @@ def main():
     ap.add_argument("--work", default=os.path.join(ROOT, "output", "tiny-sd-train"))
     ap.add_argument("--n-base", type=int, default=6000)
     ap.add_argument("--n-extra", type=int, default=1200)
+    ap.add_argument("--n-latents", type=int, default=4000, help="base-pool images the UNet trains on")
     ap.add_argument("--vae-steps", type=int, default=900)
-    ap.add_argument("--vae-minutes", type=float, default=12.0)
+    ap.add_argument("--vae-minutes", type=float, default=11.0)
     ap.add_argument("--vae-batch", type=int, default=8)
     ap.add_argument("--unet-steps", type=int, default=3000)
-    ap.add_argument("--unet-minutes", type=float, default=30.0)
-    ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--unet-minutes", type=float, default=28.0)
+    ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decoder-minutes", type=float, default=0.0,
+                    help="only fine-tune the decoder of the trained VAE for this long, then exit")
+    # One thread: on a shared, oversubscribed machine two OpenMP threads mostly wait for each other.
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     os.makedirs(a.work, exist_ok=True)
     base, scenes, extra = image_pools(a.work, a.n_base, a.n_extra)
+    if a.decoder_minutes:
+        finetune_decoder(a.work, np.concatenate([base, extra]), a.decoder_minutes, a.vae_batch)
+        return
     vae = train_vae(a.work, np.concatenate([base, extra]), a.vae_steps, a.vae_minutes, a.vae_batch)
-    lat = encode_latents(a.work, vae, base)
+    n = a.n_latents
+    lat = encode_latents(a.work, vae, base[:n])
+    scenes = scenes[:n]
     scale = 1.0 / float(lat.std())
     unet, te, tok = train_unet(a.work, lat, scenes, scale, a.unet_steps, a.unet_minutes, a.unet_batch, a.lr)
     export(a.out, vae, unet, te, tok, scale)
