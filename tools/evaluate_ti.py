@@ -3,9 +3,10 @@
     python tools/evaluate_ti.py --ti_ckpt_path output/tiny/weights/SDvtiny_textual_inversion_200_ti.ckpt
 
 Samples n images per prompt (DPM-Solver++, 20 steps), lets the pixel judge (data/toy_world.py) name
-shape, colours and style, and prints the share of samples that show the concept: with the learned
-vectors, with the initializer's embedding in their place (what training started from), and in an
-edited prompt (editability: the concept on a background it was never shown with).
+shape and colours, and prints the share of samples that show the concept's colour, its shape, both,
+and a yellow background: with the learned vectors, with the initializer's embedding in their place
+(what training started from), and in an edited prompt (editability: the concept on a background it
+was never shown with).
 """
 
 import argparse
@@ -17,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.toy_world import PURPLE_STAR, STYLE, judge  # noqa: E402
+from data.toy_world import PURPLE_STAR, judge  # noqa: E402
 from ldm.embeddings import load_embedding  # noqa: E402
 from ldm.pipeline import StableDiffusion, initial_latents  # noqa: E402
 from ldm.tokenizer import init_vectors, initializer_ids  # noqa: E402
@@ -40,25 +41,21 @@ def share(verdicts, **want):
     return float(np.mean([all(getattr(v, k) == x for k, x in want.items()) for v in verdicts]))
 
 
-def concept(property_):
-    """What the judge must see for the shipped concepts: purple stars (object) or outlines (style)."""
-    shape, color = PURPLE_STAR
-    return {"shape": shape, "fg": color} if property_ == "object" else {"style": STYLE}
+def evaluate(sd, token, vectors, initializer, n=64, seed=0):
+    """Judge verdicts `{row name: [Verdict]}` for the purple-star object concept `token`.
 
-
-def evaluate(sd, token, vectors, initializer, property_="object", n=64, seed=0):
-    """{row name: share of samples showing the concept (and, for the edit, the yellow background)}."""
+    Rows: the learned vectors in "a photo of <t>", the same prompt with the initializer's embedding in
+    their place (what training started from), and the learned vectors in an edited prompt.
+    """
     ids = sd.add_placeholder(token, vectors)
-    want = concept(property_)
-    prompt = f"a photo of {token}" if property_ == "object" else f"a red circle in the style of {token}"
-    edit = f"a {token} on a yellow background" if property_ == "object" else f"a blue square in the style of {token}"
-    edit_want = dict(want, bg="yellow") if property_ == "object" else dict(want, shape="square", fg="blue")
-    rows = {}
-    rows[f"learned: {prompt}"] = share(judge_prompt(sd, prompt, n, seed), **want)
-    rows[f"learned: {edit}"] = share(judge_prompt(sd, edit, n, seed), **edit_want)
     table = sd.text_encoder.text_model.embeddings.token_embedding.weight.asnumpy()
-    sd.set_placeholder_vectors(ids, init_vectors(table, initializer_ids(sd.tokenizer, initializer), len(vectors)))
-    rows[f"initializer '{initializer}': {prompt}"] = share(judge_prompt(sd, prompt, n, seed), **want)
+    start = init_vectors(table, initializer_ids(sd.tokenizer, initializer), len(vectors))
+    rows = {}
+    for name, vecs, prompt in (("learned", vectors, f"a photo of {token}"),
+                               (f"initializer '{initializer}'", start, f"a photo of {token}"),
+                               ("learned, edited", vectors, f"a {token} on a yellow background")):
+        sd.set_placeholder_vectors(ids, vecs)
+        rows[f"{name}: {prompt}"] = judge_prompt(sd, prompt, n, seed)
     sd.set_placeholder_vectors(ids, vectors)
     return rows
 
@@ -67,18 +64,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ti_ckpt_path", required=True)
     p.add_argument("--initializer", default="shape")
-    p.add_argument("--learnable_property", default="object", choices=("object", "style"))
     p.add_argument("--n", type=int, default=64, help="samples per prompt")
     p.add_argument("--seed", type=int, default=1000)
     args = p.parse_args(argv)
     ms.set_context(mode=ms.GRAPH_MODE)
     sd = StableDiffusion.load("tiny")
     emb = load_embedding(args.ti_ckpt_path)
-    rows = evaluate(sd, emb.token, emb.vectors, args.initializer, args.learnable_property, args.n, args.seed)
-    print(f"| prompt ({args.n} samples each, DPM-Solver++ 20 steps) | concept shown |")
-    print("|---|---|")
-    for name, value in rows.items():
-        print(f"| {name} | {value:.0%} |")
+    rows = evaluate(sd, emb.token, emb.vectors, args.initializer, args.n, args.seed)
+    shape, colour = PURPLE_STAR
+    print(f"| prompt ({args.n} samples each, DPM-Solver++ 20 steps) | {colour} fg | {shape} | {colour} {shape} "
+          "| yellow bg |")
+    print("|---|---|---|---|---|")
+    for name, verdicts in rows.items():
+        cells = [share(verdicts, fg=colour), share(verdicts, shape=shape), share(verdicts, fg=colour, shape=shape),
+                 share(verdicts, bg="yellow")]
+        print(f"| {name} | " + " | ".join(f"{c:.0%}" for c in cells) + " |")
     return 0
 
 
