@@ -21,7 +21,7 @@ TINY_YAML = "configs/train/train_config_textual_inversion_tiny.yaml"
 
 
 def test_textual_inversion_learns_the_concept_colour(tmp_path):
-    assert T.main(["--train_config", TINY_YAML, "--output_path", str(tmp_path), "--max_steps", "100",
+    assert T.main(["--train_config", TINY_YAML, "--output_path", str(tmp_path),
                    "--validation_prompt", "none"]) == 0
     emb = load_embedding(os.path.join(tmp_path, "weights", "SDvtiny_textual_inversion_100_ti.ckpt"))
     assert emb.token == "<my-shape>" and emb.vectors.shape == (1, 64)
