@@ -7,12 +7,7 @@ from mindspore import Tensor, ops
 from ldm.modules.layers import Conv2d, GroupNorm, LayerNorm, Linear, attention, upsample_nearest2x
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pynative():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=previous)
+pytestmark = pytest.mark.usefixtures("pynative_mode")
 
 
 def _set(param, array):

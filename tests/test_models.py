@@ -26,12 +26,7 @@ TINY = ModelConfig(
                                    intermediate_size=24))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pynative():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=previous)
+pytestmark = pytest.mark.usefixtures("pynative_mode")
 
 
 @pytest.fixture(scope="module")

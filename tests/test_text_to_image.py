@@ -11,7 +11,6 @@ same size, and the CLI runs reuse the cells loaded once per model (see `cli`).
 import logging
 import os
 
-import mindspore as ms
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,12 +32,7 @@ N = 2
 LOAD = StableDiffusion.load
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=previous)
+pytestmark = pytest.mark.usefixtures("graph_mode")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import mindspore as ms
 from mindspore import nn, ops
 
-from ldm.modules.layers import Conv2d, GroupNorm, attention, upsample_nearest2x
+from ldm.modules.layers import Conv2d, GroupNorm, Upsample, attention
 
 
 def swish(x):
@@ -58,15 +58,6 @@ class Downsample(nn.Cell):
     def construct(self, x):
         # the original pads right/bottom only, then a valid stride-2 conv
         return self.conv(ops.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Cell):
-    def __init__(self, channels, dtype=ms.float32):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype)
-
-    def construct(self, x):
-        return self.conv(upsample_nearest2x(x))
 
 
 class _Level(nn.Cell):

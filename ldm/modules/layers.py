@@ -159,6 +159,17 @@ def upsample_nearest2x(x):
     return ops.interpolate(x, size=(2 * h, 2 * w), mode="nearest")
 
 
+class Upsample(nn.Cell):
+    """Nearest 2x then a 3x3 conv: the upsampler of both the UNet and the VAE decoder."""
+
+    def __init__(self, channels, dtype=ms.float32):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype)
+
+    def construct(self, x):
+        return self.conv(upsample_nearest2x(x))
+
+
 _bmm_nt = ops.BatchMatMul(transpose_b=True)
 _bmm_tn = ops.BatchMatMul(transpose_a=True)
 

@@ -5,7 +5,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
-from ldm.modules.layers import Linear, Conv2d, GroupNorm, SiLU, Identity, upsample_nearest2x, zero_
+from ldm.modules.layers import Linear, Conv2d, GroupNorm, SiLU, Identity, Upsample, zero_
 from ldm.modules.attention import SpatialTransformer
 
 
@@ -54,15 +54,6 @@ class Downsample(nn.Cell):
 
     def construct(self, x):
         return self.op(x)
-
-
-class Upsample(nn.Cell):
-    def __init__(self, channels, dtype=ms.float32):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype)
-
-    def construct(self, x):
-        return self.conv(upsample_nearest2x(x))
 
 
 class TimestepEmbedSequential(nn.SequentialCell):
