@@ -39,7 +39,7 @@ def _byte_chars():
 
 
 @functools.lru_cache(maxsize=None)
-def _bpe_vocab_and_merges(bpe_path=BPE_PATH):
+def bpe_vocab_and_merges(bpe_path=BPE_PATH):
     with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     # line 0 is the "#version" header
@@ -64,7 +64,7 @@ def load_tokenizer(path=None, pad_token=None):
     if pad_token is not None:
         overrides["pad_token"] = pad_token
     if path is None:
-        vocab, merges = _bpe_vocab_and_merges()
+        vocab, merges = bpe_vocab_and_merges()
         overrides.setdefault("pad_token", EOS)
         return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), **overrides)
     if not os.path.isdir(path):

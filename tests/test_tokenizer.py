@@ -11,7 +11,7 @@ PHOTO_OF_A_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
 
 @pytest.fixture(scope="module")
 def base_vocab():
-    return tk._bpe_vocab_and_merges()
+    return tk.bpe_vocab_and_merges()
 
 
 def test_shipped_vocabulary_shape(base_vocab):

@@ -14,7 +14,6 @@ Stages, each checkpointed under --work so an interrupted run resumes:
   5. fp16 diffusers folder with the real CLIP tokenizer files.
 """
 import argparse
-import gzip
 import json
 import os
 import random
@@ -29,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import toy_world as tw  # noqa: E402
+from ldm.tokenizer import bpe_vocab_and_merges, load_tokenizer  # noqa: E402
 
-BPE_PATH = os.path.join(ROOT, "ldm", "bpe_simple_vocab_16e6.txt.gz")
 
 
 def log(msg):
@@ -39,44 +38,11 @@ def log(msg):
 
 # ---------------------------------------------------------------- tokenizer
 
-def bytes_to_unicode():
-    """OpenAI CLIP's reversible byte -> printable unicode map (the BPE works on these characters)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
-def clip_vocab_and_merges():
-    lines = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")
-    # Line 0 is a version header; CLIP uses exactly the first 49152 - 256 - 2 merges.
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
-    tokens = list(bytes_to_unicode().values())
-    tokens += [t + "</w>" for t in tokens]
-    tokens += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def build_tokenizer():
-    from transformers import CLIPTokenizer
-
-    vocab, merges = clip_vocab_and_merges()
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    ids = tok("a photo of a cat").input_ids
-    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407], ids
-    return tok
-
-
 def save_tokenizer_files(folder):
     """vocab.json + merges.txt + configs, the slow-tokenizer file set every loader understands
     (transformers 5 itself would only write tokenizer.json)."""
     os.makedirs(folder, exist_ok=True)
-    vocab, merges = clip_vocab_and_merges()
+    vocab, merges = bpe_vocab_and_merges()
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
@@ -296,7 +262,7 @@ def encode_latents(work, vae, images):
 
 
 def train_unet(work, latents, scenes, scale, steps, minutes, batch, lr):
-    tok = build_tokenizer()
+    tok = load_tokenizer()
     unet, te = make_unet(), make_text_encoder()
     log(f"UNet params {n_params(unet) / 1e6:.2f}M, text encoder {n_params(te) / 1e6:.2f}M")
     params = list(unet.parameters()) + list(te.parameters())
