@@ -31,7 +31,6 @@ from data import toy_world as tw  # noqa: E402
 from ldm.tokenizer import bpe_vocab_and_merges, load_tokenizer  # noqa: E402
 
 
-
 def log(msg):
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
