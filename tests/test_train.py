@@ -200,3 +200,28 @@ def test_sigterm_saves_a_resumable_state(tmp_path):
     assert 2 <= step < 1000
     assert (out / "state" / f"train_state_{step:07d}.npz").exists()
     assert (out / "weights" / f"SDv1.5_textual_inversion_{step}_ti.ckpt").exists()
+
+
+def test_v_prediction_loss_targets_v():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        sd = StableDiffusion.load("2.1-v", os.path.join(os.path.dirname(FIXTURE), "tiny-sd2-v"))
+        assert sd.config.parameterization == "v"
+        rng = np.random.default_rng(3)
+        latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+        noise = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+        t = np.array([10, 900], np.int32)
+        ids = sd.token_ids(["a photo", "a cat"])
+        loss_net = T.TextualInversionLoss(sd.unet, sd.text_encoder, sd.alphas_cumprod, "v")
+        vectors = np.zeros((1, sd.embedding_dim), np.float32)
+        loss = float(loss_net(ms.Tensor(vectors), ms.Tensor(latents), ms.Tensor(ids), ms.Tensor(noise), ms.Tensor(t),
+                              ms.Tensor(1.0, ms.float32)).asnumpy())
+        a = np.sqrt(sd.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
+        s = np.sqrt(1 - sd.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
+        noisy = (a * latents + s * noise).astype(np.float32)
+        pred = sd.unet(ms.Tensor(noisy), ms.Tensor(t), sd.text_encoder(ms.Tensor(ids))).asnumpy()
+        expected = np.mean((pred - (a * noise - s * latents)) ** 2)
+        assert loss == pytest.approx(expected, rel=1e-5)
+        assert abs(expected - np.mean((pred - noise) ** 2)) > 1e-3  # v and eps targets really differ here
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
