@@ -10,11 +10,11 @@ import sys
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import nn
 
 from ldm.checkpoint_io import CheckpointError
 from ldm.convert import PARTS, load_into, load_pretrained
 from ldm.models import build_models
+from ldm.pipeline import VAEGraph
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 SOURCES = {
@@ -22,24 +22,6 @@ SOURCES = {
     "tiny-sd2": ("tiny-sd2", "tiny-sd2.safetensors"),
 }
 TOLERANCE = 1e-4
-
-
-class _Encode(nn.Cell):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def construct(self, x):
-        return self.vae.encode(x)
-
-
-class _Decode(nn.Cell):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def construct(self, z):
-        return self.vae.decode(z)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +33,8 @@ def models():
         if flavour not in cache:
             cfg = load_pretrained(os.path.join(FIXTURES, flavour))[0]
             unet, vae, text = build_models(cfg)
-            runners = {"unet": unet, "text_encoder": text, "encode": _Encode(vae), "decode": _Decode(vae)}
+            runners = {"unet": unet, "text_encoder": text, "encode": VAEGraph(vae, decode=False),
+                       "decode": VAEGraph(vae, decode=True)}
             ref = dict(np.load(os.path.join(FIXTURES, flavour + "-reference.npz")))
             cache[flavour] = (cfg, dict(zip(PARTS, (unet, vae, text))), runners, ref)
         return cache[flavour]
