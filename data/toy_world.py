@@ -36,9 +36,12 @@ _PERIOD = {"circle": 360.0, "square": 90.0, "triangle": 120.0, "star": 72.0, "cr
 STAR_INNER = 0.45
 CROSS_HALF_WIDTH = 0.32
 
-# The TI style concept: the shape is drawn hollow, as a thick outline. The base model never sees it
-# (and there is no ring shape, so no caption word already means "hollow").
+# The TI style concept: the shape is drawn hollow, as a thick outline. The base model learns it from
+# captions that name it with these phrases, none of which contains "style" or "painting", so the
+# words of TI's style templates ("a painting in the style of {}") and its initializer carry no outline:
+# TI has to find the style in embedding space from images alone.
 STYLE = "outlined"
+STYLE_PHRASES = (", outlined", " in outline", ", drawn as an outline")
 
 # Never in the base model's training set: TI's known-answer object test must find it.
 PURPLE_STAR = ("star", "purple")
@@ -154,7 +157,8 @@ PREFIX_TEMPLATES = (
 
 
 def caption(scene, rng):
-    """A random caption for a scene; some omit the background or colour, some say "shape"."""
+    """A random caption for a scene; some omit the background or colour, some say "shape"; an
+    outlined scene's caption always names the style."""
     shape = "shape" if rng.random() < 0.1 else scene.shape
     kind = rng.random()
     if kind < 0.5:
@@ -166,8 +170,11 @@ def caption(scene, rng):
     elif kind < 0.85:
         obj = f"{shape} on a {scene.bg} background"
     else:
-        return f"a {scene.fg} {shape} on {scene.bg}"
-    return rng.choice(PREFIX_TEMPLATES).format(obj)
+        obj = None
+    text = f"a {scene.fg} {shape} on {scene.bg}" if obj is None else rng.choice(PREFIX_TEMPLATES).format(obj)
+    if scene.style == STYLE:
+        text += rng.choice(STYLE_PHRASES)
+    return text
 
 
 def full_caption(shape, fg, bg):

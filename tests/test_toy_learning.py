@@ -27,7 +27,7 @@ def test_textual_inversion_learns_the_concept_colour(tmp_path):
     assert emb.token == "<my-shape>" and emb.vectors.shape == (1, 64)
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    rows = evaluate(StableDiffusion.load("tiny"), emb.token, emb.vectors, "shape", n=16, seed=1000)
+    rows = evaluate(StableDiffusion.load("tiny"), emb.token, emb.vectors, "object", n=16, seed=1000)
     learned, initial, _edited = (share(verdicts, fg=PURPLE_STAR[1]) for verdicts in rows.values())
     assert learned >= 0.4, rows
     assert initial <= 0.2, rows

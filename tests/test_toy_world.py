@@ -60,6 +60,18 @@ def test_captions_name_the_scene():
     assert any(f"{sc.fg} {sc.shape} on a {sc.bg} background" in cap for _, sc, cap in data)
 
 
+def test_outlined_captions_name_the_style_without_the_style_template_words():
+    # The TI style test relies on this: "painting", "style" and the initializer "drawing" must mean
+    # nothing to the base model, only the style phrases may.
+    data = tw.generate(60, 15, style=tw.STYLE)
+    assert all(cap.endswith(tw.STYLE_PHRASES) for _, _, cap in data)
+    assert {p for p in tw.STYLE_PHRASES if any(c.endswith(p) for _, _, c in data)} == set(tw.STYLE_PHRASES)
+    plain = tw.generate(60, 15)
+    words = {w for _, _, c in data + plain for w in c.replace(",", " ").split()}
+    assert not words & {"painting", "style", "drawing"}
+    assert not any(c.endswith(tw.STYLE_PHRASES) for _, _, c in plain)
+
+
 def test_base_model_training_set_excludes_purple_stars_and_held_out_triples():
     train = set(tw.training_combos())
     held = set(tw.heldout_combos())

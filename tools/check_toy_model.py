@@ -6,6 +6,8 @@ Rows of the table:
   held-out    "a photo of a {fg} {shape} on a {bg} background" for triples never trained on
   trained     the same caption for triples in the training set
   purple star purple-star captions (a combination the base model never saw)
+  outlined    trained triples with a style phrase appended (", outlined")
+The last column is the share of samples judged outlined: high in the outlined row, near 0 elsewhere.
   "a photo of a shape"  what TI's initializer prompt gives: how often that is already a purple star
 """
 import argparse
@@ -42,13 +44,14 @@ def sample(pipe, prompts, steps, guidance, seed, batch=32):
 
 
 def score(images, truths):
-    """Per-field accuracy of the judge's verdicts against (shape, fg, bg) truths."""
+    """Per-field accuracy of the judge's verdicts against (shape, fg, bg) truths, and the outlined share."""
     v = [tw.judge(im) for im in images]
     shape = np.mean([x.shape == t[0] for x, t in zip(v, truths)])
     fg = np.mean([x.fg == t[1] for x, t in zip(v, truths)])
     bg = np.mean([x.bg == t[2] for x, t in zip(v, truths)])
     allok = np.mean([(x.shape, x.fg, x.bg) == tuple(t) for x, t in zip(v, truths)])
-    return shape, fg, bg, allok, v
+    outlined = np.mean([x.style == tw.STYLE for x in v])
+    return shape, fg, bg, allok, outlined
 
 
 def main():
@@ -69,10 +72,11 @@ def main():
     purple = [(s, f, b) for s, f, b in tw.all_combos() if (s, f) == tw.PURPLE_STAR] * 3
     rows = []
     grids = []
-    for name, truths in (("held-out", held), ("trained", trained), ("purple star", purple)):
-        imgs = sample(pipe, [tw.full_caption(*t) for t in truths], a.steps, a.guidance, a.seed)
-        s, f, b, al, _ = score(imgs, truths)
-        rows.append((name, len(truths), s, f, b, al))
+    outlined = tw.training_combos()[3::11][:24]
+    for name, truths, suffix in (("held-out", held, ""), ("trained", trained, ""), ("purple star", purple, ""),
+                                 ("outlined", outlined, tw.STYLE_PHRASES[0])):
+        imgs = sample(pipe, [tw.full_caption(*t) + suffix for t in truths], a.steps, a.guidance, a.seed)
+        rows.append((name, len(truths), *score(imgs, truths)))
         grids.append(imgs[:12])
     init = sample(pipe, ["a photo of a shape"] * 32, a.steps, a.guidance, a.seed + 1)
     verdicts = [tw.judge(im) for im in init]
@@ -80,11 +84,11 @@ def main():
     grids.append(init[:12])
 
     print(f"DPM-Solver++ {a.steps} steps, guidance {a.guidance}, {a.model}")
-    print("| prompts | n | shape | fg colour | bg colour | all three |")
-    print("|---|---|---|---|---|---|")
-    for name, n, s, f, b, al in rows:
-        print(f"| {name} | {n} | {s:.2f} | {f:.2f} | {b:.2f} | {al:.2f} |")
-    print(f"| \"a photo of a shape\" -> purple star | {len(init)} | | | | {ps:.2f} |")
+    print("| prompts | n | shape | fg colour | bg colour | all three | outlined |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, s, f, b, al, o in rows:
+        print(f"| {name} | {n} | {s:.2f} | {f:.2f} | {b:.2f} | {al:.2f} | {o:.2f} |")
+    print(f"| \"a photo of a shape\" -> purple star | {len(init)} | | | | {ps:.2f} | |")
     os.makedirs(os.path.dirname(a.grid), exist_ok=True)
     from PIL import Image
 

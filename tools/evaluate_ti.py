@@ -1,12 +1,17 @@
 """Known-answer evaluation of a Textual Inversion embedding on the toy-world `tiny` model.
 
-    python tools/evaluate_ti.py --ti_ckpt_path output/tiny/weights/SDvtiny_textual_inversion_200_ti.ckpt
+    python tools/evaluate_ti.py --ti_ckpt_path output/tiny/weights/SDvtiny_textual_inversion_100_ti.ckpt
+    python tools/evaluate_ti.py --concept style --ti_ckpt_path output/tiny-style/weights/SDvtiny_textual_inversion_100_ti.ckpt
 
-Samples n images per prompt (DPM-Solver++, 20 steps), lets the pixel judge (data/toy_world.py) name
-shape and colours, and prints the share of samples that show the concept's colour, its shape, both,
-and a yellow background: with the learned vectors, with the initializer's embedding in their place
-(what training started from), and in an edited prompt (editability: the concept on a background it
-was never shown with).
+Samples n images per prompt (DPM-Solver++, 20 steps), lets the pixel judge (data/toy_world.py) read
+them, and prints the share of samples that show the concept: with the learned vectors, with the
+initializer's embedding in their place (what training started from), and in an edited prompt
+(editability: the concept in a scene it was never shown in).
+
+- object: the purple star (`<my-shape>`, initializer "shape"); columns: purple foreground, star, both,
+  and the yellow background the edited prompt asks for.
+- style: the outlined style (`<my-style>`, initializer "drawing"); columns: outlined, and the yellow
+  circle on blue the edited prompt asks for.
 """
 
 import argparse
@@ -18,10 +23,28 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.toy_world import PURPLE_STAR, judge  # noqa: E402
+from data.toy_world import PURPLE_STAR, STYLE, judge  # noqa: E402
 from ldm.embeddings import load_embedding  # noqa: E402
 from ldm.pipeline import StableDiffusion, initial_latents  # noqa: E402
 from ldm.tokenizer import init_vectors, initializer_ids  # noqa: E402
+
+# per concept: its initializer, the (row, prompt) pairs with "{}" for the placeholder, and the
+# columns: (name, judge fields every sample is checked for)
+CONCEPTS = {
+    "object": dict(
+        initializer="shape",
+        prompts=(("learned", "a photo of {}"), ("initializer", "a photo of {}"),
+                 ("learned, edited", "a {} on a yellow background")),
+        columns=((f"{PURPLE_STAR[1]} fg", dict(fg=PURPLE_STAR[1])), (PURPLE_STAR[0], dict(shape=PURPLE_STAR[0])),
+                 (" ".join(PURPLE_STAR[::-1]), dict(shape=PURPLE_STAR[0], fg=PURPLE_STAR[1])),
+                 ("yellow bg", dict(bg="yellow")))),
+    "style": dict(
+        initializer="drawing",
+        prompts=(("learned", "a painting in the style of {}"), ("initializer", "a painting in the style of {}"),
+                 ("learned, edited", "a yellow circle on a blue background in the style of {}")),
+        columns=((STYLE, dict(style=STYLE)), ("yellow circle on blue", dict(shape="circle", fg="yellow", bg="blue")),
+                 (f"{STYLE} yellow circle on blue", dict(style=STYLE, shape="circle", fg="yellow", bg="blue")))),
+}
 
 
 def judge_prompt(sd, prompt, n, seed=0, steps=20, scale=7.5, batch=8):
@@ -41,20 +64,21 @@ def share(verdicts, **want):
     return float(np.mean([all(getattr(v, k) == x for k, x in want.items()) for v in verdicts]))
 
 
-def evaluate(sd, token, vectors, initializer, n=64, seed=0):
-    """Judge verdicts `{row name: [Verdict]}` for the purple-star object concept `token`.
+def evaluate(sd, token, vectors, concept="object", initializer=None, n=64, seed=0):
+    """Judge verdicts `{row name: [Verdict]}` of `concept`'s prompts for the embedding `token`.
 
-    Rows: the learned vectors in "a photo of <t>", the same prompt with the initializer's embedding in
-    their place (what training started from), and the learned vectors in an edited prompt.
+    The initializer row puts the initializer's embedding in place of the learned vectors.
     """
+    spec = CONCEPTS[concept]
+    initializer = initializer or spec["initializer"]
     ids = sd.add_placeholder(token, vectors)
     table = sd.text_encoder.text_model.embeddings.token_embedding.weight.asnumpy()
     start = init_vectors(table, initializer_ids(sd.tokenizer, initializer), len(vectors))
     rows = {}
-    for name, vecs, prompt in (("learned", vectors, f"a photo of {token}"),
-                               (f"initializer '{initializer}'", start, f"a photo of {token}"),
-                               ("learned, edited", vectors, f"a {token} on a yellow background")):
+    for name, template in spec["prompts"]:
+        vecs, name = (start, f"initializer '{initializer}'") if name == "initializer" else (vectors, name)
         sd.set_placeholder_vectors(ids, vecs)
+        prompt = template.format(token)
         rows[f"{name}: {prompt}"] = judge_prompt(sd, prompt, n, seed)
     sd.set_placeholder_vectors(ids, vectors)
     return rows
@@ -63,22 +87,20 @@ def evaluate(sd, token, vectors, initializer, n=64, seed=0):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ti_ckpt_path", required=True)
-    p.add_argument("--initializer", default="shape")
+    p.add_argument("--concept", choices=sorted(CONCEPTS), default="object")
+    p.add_argument("--initializer", default=None, help="default: the concept's (shape / drawing)")
     p.add_argument("--n", type=int, default=64, help="samples per prompt")
     p.add_argument("--seed", type=int, default=1000)
     args = p.parse_args(argv)
     ms.set_context(mode=ms.GRAPH_MODE)
     sd = StableDiffusion.load("tiny")
     emb = load_embedding(args.ti_ckpt_path)
-    rows = evaluate(sd, emb.token, emb.vectors, args.initializer, args.n, args.seed)
-    shape, colour = PURPLE_STAR
-    print(f"| prompt ({args.n} samples each, DPM-Solver++ 20 steps) | {colour} fg | {shape} | {colour} {shape} "
-          "| yellow bg |")
-    print("|---|---|---|---|---|")
+    rows = evaluate(sd, emb.token, emb.vectors, args.concept, args.initializer, args.n, args.seed)
+    columns = CONCEPTS[args.concept]["columns"]
+    print(f"| prompt ({args.n} samples each, DPM-Solver++ 20 steps) | " + " | ".join(c for c, _ in columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for name, verdicts in rows.items():
-        cells = [share(verdicts, fg=colour), share(verdicts, shape=shape), share(verdicts, fg=colour, shape=shape),
-                 share(verdicts, bg="yellow")]
-        print(f"| {name} | " + " | ".join(f"{c:.0%}" for c in cells) + " |")
+        print(f"| {name} | " + " | ".join(f"{share(verdicts, **want):.0%}" for _, want in columns) + " |")
     return 0
 
 

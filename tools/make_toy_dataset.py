@@ -4,7 +4,8 @@
 
 - purple_star/: purple stars on every background, the known-answer object concept
   (placeholder <my-shape>, initializer "shape"); the tiny base model never saw a purple star.
-- outlined/: assorted shapes and colours drawn hollow, the style concept the base model never saw.
+- outlined/: assorted shapes and colours drawn hollow, the style concept (placeholder <my-style>,
+  initializer "drawing"); the base model knows it only under the caption words of tw.STYLE_PHRASES.
 """
 import argparse
 import os

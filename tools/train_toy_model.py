@@ -5,13 +5,17 @@ Runs in the dev venv (torch + diffusers + transformers), never in the product:
     nice -n 5 /work/devvenv/bin/python tools/train_toy_model.py --out models/tiny-sd
 
 Stages, each checkpointed under --work so an interrupted run resumes:
-  1. image pool from the generator (base-model pool excludes purple stars, held-out triples and the
-     outlined style; the autoencoder also sees those, as SD's VAE has seen everything),
+  1. image pool from the generator (base-model pool excludes purple stars and held-out triples;
+     the autoencoder also sees those, as SD's VAE has seen everything),
   2. AutoencoderKL (8x down, 4x16x16 latents),
-  3. latents of the base pool, scale factor = 1 / latent std,
+  3. latents of the base pool and of an outlined-style pool (training triples drawn hollow, captions
+     naming the style), scale factor = 1 / latent std of the base pool,
   4. UNet2DConditionModel + CLIPTextModel trained together (eps prediction, SD scaled-linear
-     schedule, 10% empty captions for classifier-free guidance), EMA weights exported,
+     schedule, offset noise, 10% empty captions for classifier-free guidance), EMA weights exported,
   5. fp16 diffusers folder with the real CLIP tokenizer files.
+
+The shipped models/tiny-sd: steps 1-4788 ran on the base pool alone without offset noise (the
+recipe of the time); the run was then resumed with this recipe to --unet-steps 9500.
 """
 import argparse
 import json
@@ -260,7 +264,25 @@ def encode_latents(work, vae, images):
     return lat
 
 
-def train_unet(work, latents, scenes, scale, steps, minutes, batch, lr):
+@torch.no_grad()
+def style_pool(work, vae, n):
+    """Latents and scenes of n training triples drawn in the outlined style."""
+    path = os.path.join(work, "style.npz")
+    if os.path.exists(path):
+        z = np.load(path, allow_pickle=True)
+        return z["latents"], list(z["scenes"])
+    rng = random.Random(7)
+    scenes = [tw.random_scene(rng, tw.training_combos(), tw.STYLE) for _ in range(n)]
+    vae.eval()
+    images = np.stack([tw.render(s) for s in scenes])
+    lat = np.concatenate([vae.encode(to_tensor(images[i:i + 64])).latent_dist.mean.numpy()
+                          for i in range(0, n, 64)])
+    np.savez(path, latents=lat, scenes=np.array(scenes, dtype=object))
+    log(f"style pool: {n} outlined latents")
+    return lat, scenes
+
+
+def train_unet(work, latents, scenes, scale, steps, minutes, batch, lr, offset_noise):
     tok = load_tokenizer()
     unet, te = make_unet(), make_text_encoder()
     log(f"UNet params {n_params(unet) / 1e6:.2f}M, text encoder {n_params(te) / 1e6:.2f}M")
@@ -293,7 +315,11 @@ def train_unet(work, latents, scenes, scale, steps, minutes, batch, lr):
         caps = ["" if rng.random() < 0.1 else tw.caption(scenes[i], rng) for i in idx]
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         x0 = lat[idx]
-        noise = torch.randn_like(x0)
+        # SD's schedule leaves sqrt(abar_999) = 0.07 of x0 in x_T. In a world of flat backgrounds the
+        # spatial mean of x_T then tells the background colour better than the caption does, and
+        # the model learns to read it from the noise: at sampling time the seed, not the text, picks
+        # the background. A per-channel constant in the noise ("offset noise") hides that leak.
+        noise = torch.randn_like(x0) + offset_noise * torch.randn(batch, x0.shape[1], 1, 1)
         t = torch.from_numpy(g.integers(0, 1000, batch))
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -354,6 +380,7 @@ def main():
     ap.add_argument("--n-base", type=int, default=6000)
     ap.add_argument("--n-extra", type=int, default=1200)
     ap.add_argument("--n-latents", type=int, default=4000, help="base-pool images the UNet trains on")
+    ap.add_argument("--n-style", type=int, default=1000, help="outlined-style images the UNet trains on")
     ap.add_argument("--vae-steps", type=int, default=900)
     ap.add_argument("--vae-minutes", type=float, default=11.0)
     ap.add_argument("--vae-batch", type=int, default=8)
@@ -361,6 +388,7 @@ def main():
     ap.add_argument("--unet-minutes", type=float, default=28.0)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--offset-noise", type=float, default=0.2)
     ap.add_argument("--decoder-minutes", type=float, default=0.0,
                     help="only fine-tune the decoder of the trained VAE for this long, then exit")
     # One thread: on a shared, oversubscribed machine two OpenMP threads mostly wait for each other.
@@ -376,9 +404,11 @@ def main():
     vae = train_vae(a.work, np.concatenate([base, extra]), a.vae_steps, a.vae_minutes, a.vae_batch)
     n = a.n_latents
     lat = encode_latents(a.work, vae, base[:n])
-    scenes = scenes[:n]
     scale = 1.0 / float(lat.std())
-    unet, te, tok = train_unet(a.work, lat, scenes, scale, a.unet_steps, a.unet_minutes, a.unet_batch, a.lr)
+    style_lat, style_scenes = style_pool(a.work, vae, a.n_style)
+    lat, scenes = np.concatenate([lat, style_lat]), scenes[:n] + style_scenes
+    unet, te, tok = train_unet(a.work, lat, scenes, scale, a.unet_steps, a.unet_minutes, a.unet_batch, a.lr,
+                                a.offset_noise)
     export(a.out, vae, unet, te, tok, scale)
 
 
