@@ -42,6 +42,10 @@ CROSS_HALF_WIDTH = 0.32
 # TI has to find the style in embedding space from images alone.
 STYLE = "outlined"
 STYLE_PHRASES = (", outlined", " in outline", ", drawn as an outline")
+# Some filled scenes' captions end in one of these, so that the style is told by its words, not by
+# the caption going on after the scene (the model learned that shortcut when only outlined captions
+# had a tail).
+FILL_PHRASES = (", filled", ", solid", " in solid colour")
 
 # Never in the base model's training set: TI's known-answer object test must find it.
 PURPLE_STAR = ("star", "purple")
@@ -158,7 +162,7 @@ PREFIX_TEMPLATES = (
 
 def caption(scene, rng):
     """A random caption for a scene; some omit the background or colour, some say "shape"; an
-    outlined scene's caption always names the style."""
+    outlined scene's caption always names the style, some filled ones say they are filled."""
     shape = "shape" if rng.random() < 0.1 else scene.shape
     kind = rng.random()
     if kind < 0.5:
@@ -174,6 +178,8 @@ def caption(scene, rng):
     text = f"a {scene.fg} {shape} on {scene.bg}" if obj is None else rng.choice(PREFIX_TEMPLATES).format(obj)
     if scene.style == STYLE:
         text += rng.choice(STYLE_PHRASES)
+    elif rng.random() < 0.3:
+        text += rng.choice(FILL_PHRASES)
     return text
 
 

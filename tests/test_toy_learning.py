@@ -1,33 +1,57 @@
 """Known-answer Textual Inversion on the trained toy-world model (models/tiny-sd).
 
-`<my-shape>` is trained with the README's demo config on the 8 shipped purple-star images, starting
-from the embedding of "shape", which names no colour. The pixel judge then reads samples of
-"a photo of <my-shape>": the learned vectors must bring the concept's colour that the initializer's
-embedding does not. (The interim toy model renders colours far more reliably than shapes; the full
-table, shape included, is printed by tools/evaluate_ti.py.)
+Both concepts are trained with their shipped tiny configs (100 steps) and judged by the pixel judge on
+16 samples per prompt; tools/evaluate_ti.py prints the same table with more samples.
+
+- object: `<my-shape>` from the 8 purple-star images, starting from "shape", which names no colour or
+  shape; the base model has seen purple things and stars, never a purple star.
+- style: `<my-style>` from 8 images of assorted outlined shapes with style captions, starting from
+  "drawing", which the base model never read; it knows the style only under other words.
 """
 
 import os
 
 import mindspore as ms
+import pytest
 
 import train_textual_inversion as T
-from data.toy_world import PURPLE_STAR
+from data.toy_world import PURPLE_STAR, STYLE
 from ldm.embeddings import load_embedding
 from ldm.pipeline import StableDiffusion
 from tools.evaluate_ti import evaluate, share
 
-TINY_YAML = "configs/train/train_config_textual_inversion_tiny.yaml"
 
-
-def test_textual_inversion_learns_the_concept_colour(tmp_path):
-    assert T.main(["--train_config", TINY_YAML, "--output_path", str(tmp_path),
-                   "--validation_prompt", "none"]) == 0
-    emb = load_embedding(os.path.join(tmp_path, "weights", "SDvtiny_textual_inversion_100_ti.ckpt"))
-    assert emb.token == "<my-shape>" and emb.vectors.shape == (1, 64)
-
+@pytest.fixture(scope="module")
+def tiny():
     ms.set_context(mode=ms.GRAPH_MODE)
-    rows = evaluate(StableDiffusion.load("tiny"), emb.token, emb.vectors, "object", n=16, seed=1000)
-    learned, initial, _edited = (share(verdicts, fg=PURPLE_STAR[1]) for verdicts in rows.values())
-    assert learned >= 0.4, rows
-    assert initial <= 0.2, rows
+    return StableDiffusion.load("tiny")
+
+
+def _train(yaml, out):
+    assert T.main(["--train_config", yaml, "--output_path", str(out), "--validation_prompt", "none"]) == 0
+    emb = load_embedding(os.path.join(out, "weights", "SDvtiny_textual_inversion_100_ti.ckpt"))
+    assert emb.vectors.shape == (1, 64)
+    return emb
+
+
+def test_textual_inversion_learns_the_object(tmp_path, tiny):
+    emb = _train("configs/train/train_config_textual_inversion_tiny.yaml", tmp_path)
+    assert emb.token == "<my-shape>"
+    rows = evaluate(tiny, emb.token, emb.vectors, "object", n=16, seed=1000)
+    learned, initial, edited = rows.values()
+    colour = PURPLE_STAR[1]
+    # measured: 56% vs 19% (64 samples: 59% vs 17%); the toy model draws too few stars to assert the shape
+    assert share(learned, fg=colour) >= 0.4, rows
+    assert share(initial, fg=colour) <= 0.25, rows
+    # editability: the requested background wins (measured 100%), though the colour is lost there
+    assert share(edited, bg="yellow") >= 0.7, rows
+
+
+def test_textual_inversion_learns_the_style(tmp_path, tiny):
+    emb = _train("configs/train/train_config_textual_inversion_tiny_style.yaml", tmp_path)
+    assert emb.token == "<my-style>"
+    rows = evaluate(tiny, emb.token, emb.vectors, "style", n=16, seed=1000)
+    learned, initial, _style_only = rows.values()
+    # measured: 62% vs 0% (64 samples: 59% vs 0%)
+    assert share(learned, style=STYLE) >= 0.4, rows
+    assert share(initial, style=STYLE) <= 0.2, rows

@@ -70,6 +70,8 @@ def test_outlined_captions_name_the_style_without_the_style_template_words():
     words = {w for _, _, c in data + plain for w in c.replace(",", " ").split()}
     assert not words & {"painting", "style", "drawing"}
     assert not any(c.endswith(tw.STYLE_PHRASES) for _, _, c in plain)
+    # filled scenes have tails too, so a tail alone does not mean "outlined"
+    assert any(c.endswith(tw.FILL_PHRASES) for _, _, c in plain)
 
 
 def test_base_model_training_set_excludes_purple_stars_and_held_out_triples():

@@ -6,12 +6,13 @@
 Samples n images per prompt (DPM-Solver++, 20 steps), lets the pixel judge (data/toy_world.py) read
 them, and prints the share of samples that show the concept: with the learned vectors, with the
 initializer's embedding in their place (what training started from), and in an edited prompt
-(editability: the concept in a scene it was never shown in).
+(editability: the concept in a scene it was never shown in; for the style, whose rows all ask for a
+yellow circle on blue, the third row is the bare training prompt instead).
 
 - object: the purple star (`<my-shape>`, initializer "shape"); columns: purple foreground, star, both,
   and the yellow background the edited prompt asks for.
 - style: the outlined style (`<my-style>`, initializer "drawing"); columns: outlined, and the yellow
-  circle on blue the edited prompt asks for.
+  foreground on blue the prompt asks for.
 """
 
 import argparse
@@ -40,10 +41,11 @@ CONCEPTS = {
                  ("yellow bg", dict(bg="yellow")))),
     "style": dict(
         initializer="drawing",
-        prompts=(("learned", "a painting in the style of {}"), ("initializer", "a painting in the style of {}"),
-                 ("learned, edited", "a yellow circle on a blue background in the style of {}")),
-        columns=((STYLE, dict(style=STYLE)), ("yellow circle on blue", dict(shape="circle", fg="yellow", bg="blue")),
-                 (f"{STYLE} yellow circle on blue", dict(style=STYLE, shape="circle", fg="yellow", bg="blue")))),
+        prompts=(("learned", "a yellow circle on a blue background in the style of {}"),
+                 ("initializer", "a yellow circle on a blue background in the style of {}"),
+                 ("learned, style only", "a painting in the style of {}")),
+        columns=((STYLE, dict(style=STYLE)), ("yellow on blue", dict(fg="yellow", bg="blue")),
+                 (f"{STYLE} yellow on blue", dict(style=STYLE, fg="yellow", bg="blue")))),
 }
 
 

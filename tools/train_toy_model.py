@@ -14,8 +14,10 @@ Stages, each checkpointed under --work so an interrupted run resumes:
      schedule, offset noise, 10% empty captions for classifier-free guidance), EMA weights exported,
   5. fp16 diffusers folder with the real CLIP tokenizer files.
 
-The shipped models/tiny-sd: steps 1-4788 ran on the base pool alone without offset noise (the
-recipe of the time); the run was then resumed with this recipe to --unet-steps 9500.
+The shipped models/tiny-sd was trained in three legs, the recipe growing between them: steps 1-4788
+on the base pool alone without offset noise; resumed with offset noise and the style pool to
+--unet-steps 9500; resumed with the filled-caption tails (toy_world.FILL_PHRASES) to --unet-steps
+11500 --lr 3e-3.
 """
 import argparse
 import json
