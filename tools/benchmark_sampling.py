@@ -154,6 +154,8 @@ def main():
     version = {"tiny": "tiny", "sd15": "1.5"}[args.model]
     baseline = not args.no_baseline and torch_available(args.torch_python)
     latents = initial_latents(0, 1, args.size, args.size, cfg.unet.in_channels)
+    if args.work:
+        os.makedirs(args.work, exist_ok=True)  # a scratch folder the user named may not exist yet
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         folder = args.weights or (os.path.join(work, "model") if baseline else None)
         theirs = None
