@@ -19,6 +19,8 @@ CONV_CASES = {
     "3x3 s1": (3, 1, 1, None, 9),
     "3x3 s2": (3, 2, 1, None, 9),        # UNet Downsample, odd size: floor division of the output size
     "1x1": (1, 1, 0, None, 7),
+    "3x3 s1, fewer pixels than channels": (3, 1, 1, None, 2),  # the batch-folded matmul
+    "1x1, fewer pixels than channels": (1, 1, 0, None, 2),
     "vae downsample": (3, 2, 0, (0, 1, 0, 1), 8),
 }
 
