@@ -253,20 +253,24 @@ def verdict(v):
 
 
 @torch.no_grad()
+def latent_means(vae, images, batch=64):
+    """Posterior means of uint8 images, encoded in batches."""
+    vae.eval()
+    return np.concatenate([vae.encode(to_tensor(images[i:i + batch])).latent_dist.mean.numpy()
+                           for i in range(0, len(images), batch)])
+
+
 def encode_latents(work, vae, images):
     path = os.path.join(work, "latents.npy")
     if os.path.exists(path):
         return np.load(path)
     t = time.time()
-    vae.eval()
-    lat = np.concatenate([vae.encode(to_tensor(images[i:i + 64])).latent_dist.mean.numpy()
-                          for i in range(0, len(images), 64)])
+    lat = latent_means(vae, images)
     np.save(path, lat)
     log(f"latents {lat.shape} in {time.time() - t:.0f}s, std {lat.std():.3f}")
     return lat
 
 
-@torch.no_grad()
 def style_pool(work, vae, n):
     """Latents and scenes of n training triples drawn in the outlined style."""
     path = os.path.join(work, "style.npz")
@@ -275,10 +279,7 @@ def style_pool(work, vae, n):
         return z["latents"], list(z["scenes"])
     rng = random.Random(7)
     scenes = [tw.random_scene(rng, tw.training_combos(), tw.STYLE) for _ in range(n)]
-    vae.eval()
-    images = np.stack([tw.render(s) for s in scenes])
-    lat = np.concatenate([vae.encode(to_tensor(images[i:i + 64])).latent_dist.mean.numpy()
-                          for i in range(0, n, 64)])
+    lat = latent_means(vae, np.stack([tw.render(s) for s in scenes]))
     np.savez(path, latents=lat, scenes=np.array(scenes, dtype=object))
     log(f"style pool: {n} outlined latents")
     return lat, scenes
