@@ -491,13 +491,22 @@ def load_pretrained(path, model_config=None):
     return model_config, parts, layout
 
 
+def _fits(file_shape, param_shape):
+    """Same shape, or a `[out, in, k, k]` conv weight for a cell that keeps it as `[out, in*k*k]` (the
+    CPU convolution's matmul layout, `ldm.modules.layers.Conv2d`)."""
+    file_shape, param_shape = tuple(file_shape), tuple(param_shape)
+    return file_shape == param_shape or (
+        len(file_shape) == 4 and param_shape == (file_shape[0], int(np.prod(file_shape[1:]))))
+
+
 def compare_keys(cell, state_dict):
     """`(missing, unexpected, mismatched)` name lists of `state_dict` against `cell`'s parameters."""
     params = dict(cell.parameters_and_names())
     missing = [n for n in params if n not in state_dict]
     unexpected = [n for n in state_dict if n not in params]
     mismatched = [f"{n} {tuple(state_dict[n].shape)} in the file vs {tuple(params[n].shape)}"
-                  for n in params if n in state_dict and tuple(state_dict[n].shape) != tuple(params[n].shape)]
+                  f"{' (out, in*k*k)' if len(state_dict[n].shape) == 4 and len(params[n].shape) == 2 else ''}"
+                  for n in params if n in state_dict and not _fits(state_dict[n].shape, params[n].shape)]
     return missing, unexpected, mismatched
 
 
@@ -515,7 +524,7 @@ def load_into(cell, state_dict, what, source):
     if problems:
         raise CheckpointError(f"{source}: {what} weights do not match the model: {'; '.join(problems)}")
     for name, param in cell.parameters_and_names():
-        param.set_data(ms.Tensor(np.asarray(state_dict[name]), dtype=param.dtype))
+        param.set_data(ms.Tensor(np.asarray(state_dict[name]).reshape(param.shape), dtype=param.dtype))
 
 
 def build_pretrained(path, model_config=None, dtype=None):

@@ -4,14 +4,16 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from ldm.modules.layers import Conv2d, GroupNorm, LayerNorm, Linear, attention, upsample_nearest2x
+import ldm.modules.layers as layers
+from ldm.modules.layers import Attention, Conv2d, GroupNorm, LayerNorm, Linear, attention, upsample_nearest2x
 
 
 pytestmark = pytest.mark.usefixtures("pynative_mode")
 
 
 def _set(param, array):
-    param.set_data(Tensor(array.astype(np.float32)))
+    # reshape: the CPU Conv2d keeps its weight as [out, in*k*k]
+    param.set_data(Tensor(array.astype(np.float32).reshape(param.shape)))
 
 
 # (kernel, stride, padding, pre-pad (left, right, top, bottom), input size)
@@ -25,8 +27,9 @@ CONV_CASES = {
 }
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv2d_im2col_matches_native_forward_and_backward(case):
+def test_conv2d_im2col_matches_native_forward_and_backward(case, batch):
     k, stride, padding, prepad, size = CONV_CASES[case]
     rng = np.random.default_rng(0)
     conv = Conv2d(6, 5, k, stride=stride, padding=padding)
@@ -35,7 +38,7 @@ def test_conv2d_im2col_matches_native_forward_and_backward(case):
     b = rng.standard_normal(5).astype(np.float32)
     _set(conv.weight, w)
     _set(conv.bias, b)
-    x = Tensor(rng.standard_normal((2, 6, size, size)).astype(np.float32))
+    x = Tensor(rng.standard_normal((batch, 6, size, size)).astype(np.float32))
 
     def ours(x, weight):
         if prepad:
@@ -56,7 +59,7 @@ def test_conv2d_im2col_matches_native_forward_and_backward(case):
     dx_ref, dw_ref = ms.grad(lambda x, w: (native(x, w) * cotangent).sum(), grad_position=(0, 1))(x, Tensor(w))
     dx, dw = ms.grad(lambda x: (ours(x, None) * cotangent).sum(), grad_position=0, weights=[conv.weight])(x)
     np.testing.assert_allclose(dx.asnumpy(), dx_ref.asnumpy(), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(dw[0].asnumpy(), dw_ref.asnumpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(dw[0].asnumpy().reshape(dw_ref.shape), dw_ref.asnumpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_upsample_nearest2x_repeats_pixels():
@@ -129,3 +132,43 @@ def test_attention_backward_equals_autodiff_of_the_plain_formula(masked):
     ref = ms.grad(lambda q, k, v: (plain(q, k, v) * w).sum(), grad_position=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_host_attention_equals_the_graph_attention_in_value_and_gradient(jit, monkeypatch):
+    """The numpy row-chunked attention (long sequences on CPU) against the graph's, eager and compiled."""
+    monkeypatch.setattr(layers, "_HOST_CHUNK_SCORES", 100)  # 7 rows per chunk: 6 chunks, a ragged last
+    rng = np.random.default_rng(5)
+    q, k, v, w = (Tensor(rng.standard_normal((2, 37, 8)).astype(np.float32)) for _ in range(4))
+    host, graph = Attention(0.5), Attention(0.5)
+    host.min_host_scores, graph.min_host_scores = 0, None
+
+    def loss(cell):
+        def f(q, k, v):
+            return (cell(q, k, v) * w).sum()
+        step = ms.value_and_grad(f, grad_position=(0, 1, 2))
+        return (ms.jit(step) if jit else step)(q, k, v)
+
+    (a, grads_a), (b, grads_b) = loss(host), loss(graph)
+    np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-5)
+    for x, y in zip(grads_a, grads_b):
+        np.testing.assert_allclose(x.asnumpy(), y.asnumpy(), atol=1e-5)
+
+
+def test_attention_goes_to_the_host_only_on_cpu_and_above_the_threshold(monkeypatch):
+    assert Attention(1.0).min_host_scores == layers.HOST_ATTENTION_MIN_SCORES
+    # SD 1.5's self-attention at 512 px (8 heads, 64x64 latents) goes; at 256 px it stays in the graph.
+    assert 8 * 4096 * 4096 >= layers.HOST_ATTENTION_MIN_SCORES > 8 * 1024 * 1024
+    monkeypatch.setattr(layers, "_on_cpu", lambda: False)
+    assert Attention(1.0).min_host_scores is None
+
+
+def test_host_attention_keeps_half_precision_and_rows_log_sum_exp():
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((3, 9, 4)).astype(np.float16) for _ in range(3))
+    out, lse = layers.host_attention_forward(q, k, v)
+    s = q.astype(np.float32) @ k.astype(np.float32).transpose(0, 2, 1)
+    np.testing.assert_allclose(lse[..., 0], np.log(np.exp(s).sum(-1)), rtol=1e-5)
+    np.testing.assert_allclose(out, np.exp(s - lse) @ v.astype(np.float32), atol=1e-5)
+    grads = layers.host_attention_backward(q, k, v, out.astype(np.float16), lse, np.ones_like(q))
+    assert [g.dtype for g in grads] == [np.float16] * 3

@@ -143,7 +143,7 @@ def test_strict_load_lists_missing_unexpected_and_shape_mismatch(models):
     message = str(err.value)
     assert message.startswith("some/file.safetensors: vae weights do not match the model") and "\n" not in message
     for piece in ("missing 1 (encoder.conv_in.bias)", "unexpected 1 (encoder.extra.weight)",
-                  "decoder.conv_out.weight (3, 8, 1, 1) in the file vs (3, 8, 3, 3)"):
+                  "decoder.conv_out.weight (3, 8, 1, 1) in the file vs (3, 72) (out, in*k*k)"):
         assert piece in message
 
 

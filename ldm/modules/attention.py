@@ -2,7 +2,7 @@
 import mindspore as ms
 from mindspore import nn, ops
 
-from ldm.modules.layers import Linear, Conv2d, GroupNorm, LayerNorm, Identity, attention, gelu, zero_
+from ldm.modules.layers import Attention, Linear, Conv2d, GroupNorm, LayerNorm, Identity, gelu, zero_
 
 
 class CrossAttention(nn.Cell):
@@ -13,7 +13,7 @@ class CrossAttention(nn.Cell):
         inner_dim = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.scale = dim_head ** -0.5
+        self.attention = Attention(dim_head ** -0.5)
         self.to_q = Linear(query_dim, inner_dim, bias=False, dtype=dtype)
         self.to_k = Linear(context_dim, inner_dim, bias=False, dtype=dtype)
         self.to_v = Linear(context_dim, inner_dim, bias=False, dtype=dtype)
@@ -29,7 +29,7 @@ class CrossAttention(nn.Cell):
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(context))
         v = self._split_heads(self.to_v(context))
-        out = attention(q, k, v, self.scale)
+        out = self.attention(q, k, v)
         bh, n, d = out.shape
         out = out.reshape(bh // self.heads, self.heads, n, d).transpose(0, 2, 1, 3).reshape(
             bh // self.heads, n, self.heads * d)

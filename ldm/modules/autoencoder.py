@@ -2,7 +2,7 @@
 import mindspore as ms
 from mindspore import nn, ops
 
-from ldm.modules.layers import Conv2d, GroupNorm, Upsample, attention
+from ldm.modules.layers import Attention, Conv2d, GroupNorm, Upsample
 
 
 def swish(x):
@@ -38,6 +38,7 @@ class AttnBlock(nn.Cell):
         self.k = Conv2d(channels, channels, 1, dtype=dtype)
         self.v = Conv2d(channels, channels, 1, dtype=dtype)
         self.proj_out = Conv2d(channels, channels, 1, dtype=dtype)
+        self.attention = Attention(channels ** -0.5)
 
     def construct(self, x):
         b, c, h, w = x.shape
@@ -46,7 +47,7 @@ class AttnBlock(nn.Cell):
         def tokens(t):
             return t.reshape(b, c, h * w).transpose(0, 2, 1)
 
-        out = attention(tokens(self.q(hn)), tokens(self.k(hn)), tokens(self.v(hn)), c ** -0.5)
+        out = self.attention(tokens(self.q(hn)), tokens(self.k(hn)), tokens(self.v(hn)))
         return x + self.proj_out(out.transpose(0, 2, 1).reshape(b, c, h, w))
 
 

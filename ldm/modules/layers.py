@@ -6,13 +6,20 @@ convolutions run in the cell's `dtype`; normalizations and softmax run in float3
 Every CPU workaround of the project lives in this file (measured numbers: docs/performance.md):
 - MindSpore's CPU Conv2D kernel is pathologically slow (3x3 320->320 at 32x32 takes seconds), while
   its matmul is fast, so on CPU a convolution is im2col (`ops.unfold`) + matmul; a 1x1 convolution
-  is a plain matmul. Other targets use the native kernel. The matmul is a BatchMatMul of the weight
-  (given a batch axis) and the columns: `ops.matmul` of a 2-D weight with 3-D columns copies the
-  broadcast weight and transposes explicitly in its backward. With a batch and fewer output pixels
-  than channels, the batch's columns are laid side by side for one 2-D matmul instead.
+  is a plain matmul. Other targets use the native kernel. The weight is kept in the matmul's layout
+  `[out, in*k*k]` (checkpoints' `[out, in, k, k]` is reshaped on load, `ldm.convert.load_into`): a
+  reshape of a Parameter inside the graph is a copy, and those copies stayed allocated, a second copy
+  of every conv weight (SD 1.5: 3.2 GiB). With a batch, the matmul is a BatchMatMul of the broadcast
+  weight and the columns (`ops.matmul` of a 2-D weight with 3-D columns makes the same copy and
+  transposes explicitly in its backward), or, with fewer output pixels than channels, one 2-D matmul
+  of the batch's columns laid side by side.
 - The generic softmax backward makes four passes over the attention scores; `attention` has its own
   backward with two. With the BatchMatMul convolution: TI step of the `small` benchmark model at
   256 px 2.18 -> 1.55 s.
+- The backward of a CPU attention keeps about five score-sized buffers until the step ends (SD 1.5 at
+  512 px: 2.65 GB per L = 4096 block, 24 GB was not enough), whatever the formulation. Attentions with
+  more than `HOST_ATTENTION_MIN_SCORES` scores therefore run on the host in numpy, in row chunks, and
+  their backward recomputes the probabilities from a kept log-sum-exp (flash-attention style).
 - `ops.interpolate(scale_factor=..., mode="nearest")` fails on 4-D input on CPU: pass `size=`.
 - `mint.arange` and `mint.nn.functional.conv2d` have no CPU kernel: the cells use `ops.*` and numpy
   constants instead.
@@ -23,6 +30,7 @@ upsampling (`ops.interpolate`) were measured against hand-written alternatives a
 """
 import math
 
+import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Uniform, Zero, One
@@ -67,14 +75,16 @@ class Conv2d(nn.Cell):
                  dtype=ms.float32):
         super().__init__()
         bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
-        self.weight = _uniform(bound, (out_channels, in_channels, kernel_size, kernel_size), "weight")
+        self.im2col = _on_cpu()
+        shape = (out_channels, in_channels * kernel_size * kernel_size) if self.im2col else \
+            (out_channels, in_channels, kernel_size, kernel_size)
+        self.weight = _uniform(bound, shape, "weight")
         self.bias = _uniform(bound, (out_channels,), "bias") if bias else None
         self.out_channels = out_channels
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
         self.dtype = dtype
-        self.im2col = _on_cpu()
         self.pointwise = kernel_size == 1 and stride == 1 and padding == 0
         self.bias_add = ops.BiasAdd(data_format="NCHW")
         self.bmm = ops.BatchMatMul()
@@ -93,18 +103,17 @@ class Conv2d(nn.Cell):
                 cols = ops.unfold(x, self.kernel_size, 1, self.padding, self.stride)
                 oh = (h + 2 * self.padding - self.kernel_size) // self.stride + 1
                 ow = (w + 2 * self.padding - self.kernel_size) // self.stride + 1
-            if b > 1 and oh * ow < self.out_channels:
+            k = cols.shape[1]
+            if b == 1:
+                y = self.matmul(weight, cols.reshape(k, oh * ow)).reshape(1, self.out_channels, oh, ow)
+            elif oh * ow < self.out_channels:
                 # Fewer pixels than channels (the deep levels): putting the samples' columns side by side
                 # for one 2-D matmul copies less than giving each sample its own weight (SD's
                 # 1280-channel conv at 4x4, batch 2: 98 -> 16 ms).
-                k = cols.shape[1]
-                y = self.matmul(weight.reshape(self.out_channels, k), cols.transpose(1, 0, 2).reshape(k, b * oh * ow))
+                y = self.matmul(weight, cols.transpose(1, 0, 2).reshape(k, b * oh * ow))
                 y = y.reshape(self.out_channels, b, oh * ow).transpose(1, 0, 2).reshape(b, self.out_channels, oh, ow)
             else:
-                weight = weight.reshape(1, self.out_channels, -1)
-                if b > 1:
-                    weight = ops.broadcast_to(weight, (b,) + weight.shape[1:])
-                y = self.bmm(weight, cols).reshape(b, self.out_channels, oh, ow)
+                y = self.bmm(ops.broadcast_to(weight, (b,) + weight.shape), cols).reshape(b, self.out_channels, oh, ow)
         else:
             y = ops.conv2d(x, weight, stride=self.stride, pad_mode="pad", padding=self.padding)
         if self.bias is not None:
@@ -215,6 +224,69 @@ _attention = _Attention(masked=False)
 _masked_attention = _Attention(masked=True)
 
 
+# 64M scores = 256 MB in float32: SD 1.5's L = 4096 self-attentions at 512 px (134M) go to the host,
+# everything at 256 px (8M) and all cross-attentions stay in the graph, where they are faster.
+HOST_ATTENTION_MIN_SCORES = 2 ** 26
+# Rows per host chunk are chosen so that one chunk's scores take about this many elements (32 MB).
+_HOST_CHUNK_SCORES = 2 ** 23
+
+
+def _host_chunks(q, k):
+    rows = max(1, _HOST_CHUNK_SCORES // (q.shape[0] * k.shape[1]))
+    return [slice(i, i + rows) for i in range(0, q.shape[1], rows)]
+
+
+def host_attention_forward(q, k, v):
+    """numpy softmax(q k^T) v in float32 row chunks; also returns the rows' log-sum-exp `[BH, L, 1]`."""
+    q, k, v = (np.asarray(x, np.float32) for x in (q, k, v))
+    kt = k.transpose(0, 2, 1)
+    out = np.empty(q.shape[:2] + v.shape[2:], np.float32)
+    lse = np.empty(q.shape[:2] + (1,), np.float32)
+    for rows in _host_chunks(q, k):
+        s = np.matmul(q[:, rows], kt)
+        m = s.max(-1, keepdims=True)
+        np.exp(np.subtract(s, m, out=s), out=s)
+        z = s.sum(-1, keepdims=True)
+        np.divide(np.matmul(s, v), z, out=out[:, rows])
+        lse[:, rows] = m + np.log(z)
+    return out, lse
+
+
+def host_attention_backward(q, k, v, out, lse, dout):
+    """Gradients of `host_attention_forward` to q, k, v, recomputing each chunk's probabilities."""
+    dtype = q.dtype
+    q, k, v, out, dout = (np.asarray(x, np.float32) for x in (q, k, v, out, dout))
+    kt, vt = k.transpose(0, 2, 1), v.transpose(0, 2, 1)
+    delta = (dout * out).sum(-1, keepdims=True)  # rowsum(dP * P), as in _Attention.bprop
+    dq, dk, dv = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
+    for rows in _host_chunks(q, k):
+        p = np.matmul(q[:, rows], kt)
+        np.exp(np.subtract(p, lse[:, rows], out=p), out=p)
+        dv += np.matmul(p.transpose(0, 2, 1), dout[:, rows])
+        ds = np.matmul(dout[:, rows], vt)
+        np.multiply(np.subtract(ds, delta[:, rows], out=ds), p, out=ds)
+        dq[:, rows] = np.matmul(ds, k)
+        dk += np.matmul(ds.transpose(0, 2, 1), q[:, rows])
+    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
+
+
+def _host_forward(q, k, v):
+    out, lse = host_attention_forward(q, k, v)
+    return out.astype(q.dtype), lse
+
+
+_host_backward_op = ops.Custom(host_attention_backward, out_shape=lambda q, k, v, o, lse, do: (q, k, v),
+                               out_dtype=lambda q, k, v, o, lse, do: (q, k, v), func_type="pyfunc")
+
+
+def _host_bprop(q, k, v, out, dout):
+    return _host_backward_op(q, k, v, out[0], out[1], dout[0])
+
+
+_host_attention = ops.Custom(_host_forward, out_shape=lambda q, k, v: (q[:2] + v[2:], q[:2] + [1]),
+                             out_dtype=lambda q, k, v: (q, ms.float32), func_type="pyfunc", bprop=_host_bprop)
+
+
 def attention(q, k, v, scale, mask=None):
     """softmax(q k^T * scale + mask) v for `[B*heads, L, d]` inputs; the softmax runs in float32.
 
@@ -223,6 +295,24 @@ def attention(q, k, v, scale, mask=None):
     if mask is None:
         return _attention(q * scale, k, v, ops.zeros((), q.dtype))[0]
     return _masked_attention(q * scale, k, v, mask)[0]
+
+
+class Attention(nn.Cell):
+    """`attention` without a mask, for the UNet's and the VAE's blocks, whose sequences get long.
+
+    On CPU, products with at least `min_host_scores` scores run on the host (see the module docstring).
+    The device is read here, once: graph mode cannot ask for it inside `construct`.
+    """
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+        self.min_host_scores = HOST_ATTENTION_MIN_SCORES if _on_cpu() else None
+
+    def construct(self, q, k, v):
+        if self.min_host_scores is not None and q.shape[0] * q.shape[1] * k.shape[1] >= self.min_host_scores:
+            return _host_attention(q * self.scale, k, v)[0]
+        return attention(q, k, v, self.scale)
 
 
 def zero_(cell):
