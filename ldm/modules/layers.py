@@ -18,7 +18,7 @@ Every CPU workaround of the project lives in this file (measured numbers: docs/p
   256 px 2.18 -> 1.55 s.
 - The backward of a CPU attention keeps about five score-sized buffers until the step ends (SD 1.5 at
   512 px: 2.65 GB per L = 4096 block, 24 GB was not enough), whatever the formulation. Attentions with
-  more than `HOST_ATTENTION_MIN_SCORES` scores therefore run on the host in numpy, in row chunks, and
+  at least `HOST_ATTENTION_MIN_SCORES` scores therefore run on the host in numpy, in row chunks, and
   their backward recomputes the probabilities from a kept log-sum-exp (flash-attention style).
 - `ops.interpolate(scale_factor=..., mode="nearest")` fails on 4-D input on CPU: pass `size=`.
 - `mint.arange` and `mint.nn.functional.conv2d` have no CPU kernel: the cells use `ops.*` and numpy
