@@ -3,7 +3,8 @@
     python tools/benchmark_ops.py [--repeat 3] [--device CPU]
 
 Prints a markdown table (forward and forward+backward milliseconds, PyNative, float32) of the shapes
-SD's UNet runs at 256 px (32x32 latents, 320 channels), and of its largest attention at 512 px. The numbers in docs/performance.md come from here.
+SD's UNet runs at 256 px (32x32 latents, 320 channels), and of its largest attention at 512 px. The
+numbers in docs/performance.md come from here.
 """
 import argparse
 import os
