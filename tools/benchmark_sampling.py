@@ -17,13 +17,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_train_step import TORCH_PYTHON, diffusers_configs, model_config, torch_available  # noqa: E402
+from benchmark_train_step import (TORCH_PYTHON, diffusers_configs, model_config, scratch_dir,  # noqa: E402
+                                  torch_available)
 
 SAMPLERS = ("ddim", "plms", "dpm_solver", "uni_pc")
 PROMPT = "a photo of a purple star on a yellow background"
@@ -154,9 +154,7 @@ def main():
     version = {"tiny": "tiny", "sd15": "1.5"}[args.model]
     baseline = not args.no_baseline and torch_available(args.torch_python)
     latents = initial_latents(0, 1, args.size, args.size, cfg.unet.in_channels)
-    if args.work:
-        os.makedirs(args.work, exist_ok=True)  # a scratch folder the user named may not exist yet
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
+    with scratch_dir(args.work) as work:
         folder = args.weights or (os.path.join(work, "model") if baseline else None)
         theirs = None
         if baseline and not args.weights:

@@ -303,6 +303,14 @@ def torch_side(spec_path, out_path):
         json.dump(result, f)
 
 
+def scratch_dir(work):
+    """A temporary folder under `work`, which is created first: a scratch folder the user named may
+    not exist yet."""
+    if work:
+        os.makedirs(work, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=work)
+
+
 def torch_available(python):
     if not os.path.exists(python):
         return False
@@ -455,9 +463,7 @@ def main():
     cfg = model_config(args.model)
     inputs = make_inputs(cfg, args.batch, args.size)
     numpy_peak = matmul_peak(np.matmul)
-    if args.work:
-        os.makedirs(args.work, exist_ok=True)  # a scratch folder the user named may not exist yet
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
+    with scratch_dir(args.work) as work:
         inputs_path = os.path.join(work, "inputs.npz")
         np.savez(inputs_path, **inputs)
         theirs = None
