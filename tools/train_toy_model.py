@@ -335,9 +335,10 @@ def train_unet(work, latents, scenes, scale, channels, steps, minutes, batch, lr
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         ctx = te(ids).last_hidden_state
-        # Eps error is tiny at high noise (x_t is nearly the noise), yet that is where layout and
-        # colours, i.e. what the text decides, are made: weight those steps like an x0 error
-        # (1/snr, capped at 20), and damp the easy low-noise steps like min-SNR-5.
+        # Both weightings damp the easy low-noise steps like min-SNR-5. "x0" (the shipped model's)
+        # also lifts the noisy steps: eps error is tiny there (x_t is nearly the noise), yet that is
+        # where layout and colours, i.e. what the text decides, are made, so they weigh like an x0
+        # error (1/snr, capped at 20).
         snr = a.view(-1) / (1 - a.view(-1))
         per = ((unet(xt, t, ctx).sample - noise) ** 2).mean(dim=(1, 2, 3))
         w = snr.clamp(max=5.0) / snr
@@ -404,7 +405,8 @@ def main():
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--offset-noise", type=float, default=0.2)
-    ap.add_argument("--loss-weight", choices=("x0", "min-snr"), default="x0")
+    ap.add_argument("--loss-weight", choices=("x0", "min-snr"), default="x0",
+                    help="per-timestep weight of the eps loss (see train_unet)")
     ap.add_argument("--decoder-minutes", type=float, default=0.0,
                     help="only fine-tune the decoder of the trained VAE for this long, then exit")
     # One thread: on a shared, oversubscribed machine two OpenMP threads mostly wait for each other.
@@ -423,8 +425,8 @@ def main():
     scale = 1.0 / float(lat.std())
     style_lat, style_scenes = style_pool(a.work, vae, a.n_style)
     lat, scenes = np.concatenate([lat, style_lat]), scenes[:n] + style_scenes
-    unet, te, tok = train_unet(a.work, lat, scenes, scale, a.unet_channels, a.unet_steps, a.unet_minutes, a.unet_batch, a.lr,
-                                a.offset_noise, a.loss_weight)
+    unet, te, tok = train_unet(a.work, lat, scenes, scale, a.unet_channels, a.unet_steps, a.unet_minutes,
+                                a.unet_batch, a.lr, a.offset_noise, a.loss_weight)
     export(a.out, vae, unet, te, tok, scale)
 
 
