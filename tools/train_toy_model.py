@@ -293,14 +293,20 @@ def style_pool(work, vae, n):
     return lat, scenes
 
 
-def train_unet(work, latents, scenes, scale, channels, steps, minutes, batch, lr, offset_noise, loss_weight):
+def train_unet(work, latents, scenes, scale, channels, steps, minutes, batch, lr, offset_noise, loss_weight,
+               init=None):
     tok = load_tokenizer()
     unet, te = make_unet(channels), make_text_encoder()
     log(f"UNet params {n_params(unet) / 1e6:.2f}M, text encoder {n_params(te) / 1e6:.2f}M")
     params = list(unet.parameters()) + list(te.parameters())
+    ckpt = os.path.join(work, "unet_ckpt.pt")
+    if init and not os.path.exists(ckpt):
+        with torch.no_grad():
+            for p, e in zip(params, torch.load(init, weights_only=False)["ema"]):
+                p.copy_(e)
+        log(f"initialised from the EMA weights of {init}")
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ckpt = os.path.join(work, "unet_ckpt.pt")
     start, used = 0, 0.0
     if os.path.exists(ckpt):
         st = torch.load(ckpt, weights_only=False)  # our own file; holds plain floats besides tensors
@@ -407,6 +413,8 @@ def main():
     ap.add_argument("--offset-noise", type=float, default=0.2)
     ap.add_argument("--loss-weight", choices=("x0", "min-snr"), default="x0",
                     help="per-timestep weight of the eps loss (see train_unet)")
+    ap.add_argument("--init", help="a unet_ckpt.pt whose EMA weights start the UNet stage (fresh optimizer "
+                    "and schedule), to fine-tune a trained model on a changed world")
     ap.add_argument("--decoder-minutes", type=float, default=0.0,
                     help="only fine-tune the decoder of the trained VAE for this long, then exit")
     # One thread: on a shared, oversubscribed machine two OpenMP threads mostly wait for each other.
@@ -426,7 +434,7 @@ def main():
     style_lat, style_scenes = style_pool(a.work, vae, a.n_style)
     lat, scenes = np.concatenate([lat, style_lat]), scenes[:n] + style_scenes
     unet, te, tok = train_unet(a.work, lat, scenes, scale, a.unet_channels, a.unet_steps, a.unet_minutes,
-                                a.unet_batch, a.lr, a.offset_noise, a.loss_weight)
+                                a.unet_batch, a.lr, a.offset_noise, a.loss_weight, a.init)
     export(a.out, vae, unet, te, tok, scale)
 
 
