@@ -27,6 +27,15 @@ def test_generator_is_deterministic_for_a_seed():
     assert (np.abs(img.astype(int) - tw.COLORS[scene.fg]).sum(-1) == 0).sum() > 500
 
 
+def test_shapes_stand_upright():
+    assert all(abs(scene.angle) <= tw.TILT for _, scene, _ in tw.generate(200, 16))
+    # at angle 0 a square's sides are level: its bounding box is its side (r * sqrt 2), not its diagonal
+    ys, xs = np.nonzero(tw.shape_mask("square", 64.0, 64.0, 40.0, 0.0))
+    assert abs(ys.ptp() + 1 - 40 * np.sqrt(2)) <= 2 and abs(xs.ptp() + 1 - 40 * np.sqrt(2)) <= 2  # diamond: 80
+    ys, _ = np.nonzero(tw.shape_mask("triangle", 64.0, 64.0, 40.0, 0.0))
+    assert ys.min() == 24  # a vertex up, at the circumradius above the centre
+
+
 def test_judge_is_right_on_generator_images():
     data = tw.generate(200, 11)
     ok = [_key(tw.judge(img)) == (sc.shape, sc.fg, sc.bg, "") for img, sc, _ in data]

@@ -6,8 +6,8 @@
 Samples n images per prompt (DPM-Solver++, 20 steps), lets the pixel judge (data/toy_world.py) read
 them, and prints the share of samples that show the concept: with the learned vectors, with the
 initializer's embedding in their place (what training started from), and in an edited prompt
-(editability: the concept in a scene it was never shown in; for the style, whose rows all ask for a
-yellow circle on blue, the third row is the bare training prompt instead).
+(editability: the concept in a scene it was never shown in: on a yellow background for the object, as
+a yellow circle on blue for the style).
 
 - object: the purple star (`<my-shape>`, initializer "shape"); columns: purple foreground, star, both,
   and the yellow background the edited prompt asks for.
@@ -41,9 +41,8 @@ CONCEPTS = {
                  ("yellow bg", dict(bg="yellow")))),
     "style": dict(
         initializer="drawing",
-        prompts=(("learned", "a yellow circle on a blue background in the style of {}"),
-                 ("initializer", "a yellow circle on a blue background in the style of {}"),
-                 ("learned, style only", "a painting in the style of {}")),
+        prompts=(("learned", "a painting in the style of {}"), ("initializer", "a painting in the style of {}"),
+                 ("learned, edited", "a yellow circle on a blue background in the style of {}")),
         columns=((STYLE, dict(style=STYLE)), ("yellow on blue", dict(fg="yellow", bg="blue")),
                  (f"{STYLE} yellow on blue", dict(style=STYLE, fg="yellow", bg="blue")))),
 }
