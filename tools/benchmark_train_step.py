@@ -16,7 +16,8 @@ inputs. Its placeholder vectors are a leaf tensor spliced into the token embeddi
 tensor that requires grad. Losses and gradients of both sides are compared as a check of "same work".
 
 Reported per side: median step time after warm-up, first-call time minus the median (graph compile,
-kernel selection, first allocations), the forward alone (so backward / forward is visible), peak RSS
+kernel selection, first allocations), the forward alone (so backward / forward is visible), the UNet
+part alone (the same loss from the text encoder's output, differentiated to it), peak RSS
 of the timed steps (sampled every 5 ms) and of the whole process (loading and compiling included),
 and achieved FLOP/s. FLOPs are counted analytically (`forward_flops`; its conv + linear part is
 cross-checked against torch's FlopCounterMode on diffusers' forward, which does not see CPU attention).
@@ -90,7 +91,7 @@ def diffusers_configs(cfg):
 
 
 def forward_flops(cfg, batch, h, w):
-    """`(weight_flops, attention_flops)` of one forward of the text encoder + UNet at latent size h x w.
+    """`{"unet": (weight_flops, attention_flops), "text": (...)}` of one forward at latent size h x w.
 
     2 FLOPs per multiply-add; weight_flops: convs and linears; attention_flops: q k^T and p v.
     """
@@ -147,12 +148,12 @@ def forward_flops(cfg, batch, h, w):
                 weight += conv(ch, ch, hw)
                 ds //= 2
     weight += conv(mc, u.out_channels, hw)
-    return batch * (weight + text_w), batch * (attn + text_a)
+    return {"unet": (batch * weight, batch * attn), "text": (batch * text_w, batch * text_a)}
 
 
-def step_flops(cfg, batch, h, w):
-    weight, attn = forward_flops(cfg, batch, h, w)
-    return 2 * weight + 3 * attn
+def step_flops(cfg, batch, h, w, parts=("unet", "text")):
+    flops = forward_flops(cfg, batch, h, w)
+    return sum(2 * flops[p][0] + 3 * flops[p][1] for p in parts)
 
 
 def make_inputs(cfg, batch, size, seed=0):
@@ -270,8 +271,9 @@ def torch_side(spec_path, out_path):
     ids = inputs["ids"].long()
     v_target = spec["parameterization"] == "v"
 
-    def loss_fn():
-        context = text(ids).last_hidden_state
+    def loss_fn(context=None):
+        if context is None:
+            context = text(ids).last_hidden_state
         noisy = a * inputs["latents"] + s * inputs["noise"]
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         target = a * inputs["noise"] - s * inputs["latents"] if v_target else inputs["noise"]
@@ -294,6 +296,16 @@ def torch_side(spec_path, out_path):
     result["counted_forward_flops"] = counter.get_total_flops()
     result["first"], result["median"], result["peak_rss"] = time_calls(step, spec["repeat"], spec["warmup"])
     result["forward"] = time_calls(forward, spec["repeat"], 0)[1]
+    if spec["unet_part"]:
+        with torch.no_grad():
+            context = text(ids).last_hidden_state.requires_grad_(True)
+
+        def unet_step():
+            loss = loss_fn(context)
+            result["unet_loss"] = float(loss.detach())
+            torch.autograd.grad(loss, context)
+
+        result["unet_part"] = time_calls(unet_step, spec["repeat"], spec["warmup"])[1]
     result["process_peak_rss"] = process_peak_rss()
     result["matmul_peak"] = matmul_peak(lambda x, y: torch.mm(torch.from_numpy(x), torch.from_numpy(y)))
     result["threads"] = torch.get_num_threads()
@@ -323,6 +335,7 @@ def run_baseline(args, cfg, inputs_path, weights):
     from ldm.schedule import make_alphas_cumprod
 
     spec = dict(unet=unet, text=text, weights=weights, inputs=inputs_path, repeat=args.repeat, warmup=args.warmup,
+                unet_part=not args.no_unet_part,
                 parameterization=cfg.parameterization,
                 alphas_cumprod=make_alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.timesteps).tolist())
     spec_path, out_path = os.path.join(weights, "spec.json"), os.path.join(weights, "torch_result.json")
@@ -359,7 +372,7 @@ def build_ours(cfg, weights):
 
 def ours(args, cfg, inputs, weights):
     import mindspore as ms
-    from mindspore import Tensor, ops
+    from mindspore import Tensor, nn, ops
 
     from ldm.pipeline import VAEGraph
     from train_textual_inversion import TextualInversionLoss
@@ -392,6 +405,24 @@ def ours(args, cfg, inputs, weights):
     result["first"], result["median"], result["peak_rss"] = time_calls(step, args.repeat, args.warmup)
     _, result["forward"], _ = time_calls(forward, args.repeat, 0)
     _, result["vae_encode"], _ = time_calls(vae_encode, args.repeat, 1)
+    if not args.no_unet_part:
+        class GivenContext(nn.Cell):
+            """The text encoder's stand-in: returns the context it is given, so the training loss
+            differentiated at position 0 is the UNet part of the step alone."""
+
+            def construct(self, input_ids, context):
+                return context
+
+        unet_grad_fn = ms.value_and_grad(TextualInversionLoss(unet, GivenContext(), alphas_cumprod,
+                                                              cfg.parameterization), grad_position=0)
+        unet_args = [text(call_args[2], call_args[0])] + call_args[1:]
+
+        def unet_step():
+            loss, grad = unet_grad_fn(*unet_args)
+            grad.asnumpy()
+            result["unet_loss"] = float(loss.asnumpy())
+
+        _, result["unet_part"], _ = time_calls(unet_step, args.repeat, args.warmup)
     result["process_peak_rss"] = process_peak_rss()
     result["matmul_peak"] = matmul_peak(lambda x, y: ops.matmul(Tensor(x), Tensor(y)).asnumpy())
     return result
@@ -401,7 +432,8 @@ def ours(args, cfg, inputs, weights):
 
 def report(args, cfg, mine, theirs, numpy_peak):
     flops = step_flops(cfg, args.batch, args.size // 8, args.size // 8)
-    fwd_weight, fwd_attn = forward_flops(cfg, args.batch, args.size // 8, args.size // 8)
+    parts = forward_flops(cfg, args.batch, args.size // 8, args.size // 8)
+    fwd_weight, fwd_attn = (sum(part[i] for part in parts.values()) for i in (0, 1))
     peak = max([numpy_peak, mine["matmul_peak"]] + ([theirs["matmul_peak"]] if theirs else []))
     print(f"\n{args.model} {args.size} px, batch {args.batch}, mode {args.mode}, jit_level {args.jit_level}"
           f"{', recompute' if args.recompute else ''}: forward {(fwd_weight + fwd_attn) / 1e9:.1f} GFLOP "
@@ -422,6 +454,15 @@ def report(args, cfg, mine, theirs, numpy_peak):
               f"| {(r['median'] - r['forward']) / r['forward']:.2f} | {r['peak_rss'] / 2 ** 30:.2f} "
               f"| {r['process_peak_rss'] / 2 ** 30:.2f} | {flops / r['median'] / 1e9:.1f} "
               f"| {100 * flops / r['median'] / peak:.0f} |")
+    if "unet_part" in mine:
+        unet_flops = step_flops(cfg, args.batch, args.size // 8, args.size // 8, parts=("unet",))
+        print(f"UNet part of the step (forward + backward to a given context, {unet_flops / 1e9:.1f} GFLOP):")
+        for name, r in (("MindSpore", mine), ("PyTorch", theirs)):
+            if r is not None:
+                print(f"  {name}: {r['unet_part']:.3f} s, {unet_flops / r['unet_part'] / 1e9:.1f} GFLOP/s, "
+                      f"{100 * unet_flops / r['unet_part'] / peak:.0f}% of peak, loss {r['unet_loss']:.6f}")
+        if theirs:
+            print(f"  ratio ours/theirs: {mine['unet_part'] / theirs['unet_part']:.2f}")
     step, encode = mine["median"], mine["vae_encode"]
     print(f"latent cache: the VAE encode of the batch takes {encode:.3f} s; a step with the cache "
           f"{step:.3f} s, without {step + encode:.3f} s: the cache is {(step + encode) / step:.2f}x faster")
@@ -445,6 +486,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
     parser.add_argument("--recompute", action="store_true", help="cell.recompute() on every UNet block")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-unet-part", action="store_true",
+                        help="skip timing the UNet part alone (forward + backward to a given context)")
     parser.add_argument("--torch-python", default=TORCH_PYTHON)
     parser.add_argument("--work", help="folder for the shared weights (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results here")
