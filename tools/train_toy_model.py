@@ -28,6 +28,15 @@ of shapes right). The latents were not the cause (decoding real latents with noi
 3200 steps: blobs). Free rotation was: a shape at a given place and size was a ring of equally
 likely outlines whose average is a round blob. Upright, the same UNet went to 81% held-out shapes
 within 7400 fine-tuning steps.
+
+From scratch the upright world is not learnt in an hour. With the shipped autoencoder and batch 32,
+held-out shapes / foregrounds / backgrounds (check_toy_model.py, 72 samples; 48 in the first row):
+  lr 1e-3, 3000 steps, 17 min on 2 threads:                    19% / 88% / 92%
+  lr 2e-3, 5075 steps, 50 min on 1 thread beside another run:  8% / 75% / 88%
+  the same at batch 16, 8500 steps:                            11% / 81% / 88%
+  lr 1e-3, 9750 steps, 65 min on 2 threads:                    17% / 85% / 82%
+Colours come within minutes, shapes did not come in any of these. The step did not get cheaper
+either (batch 32, 2 threads): bf16 autocast 0.52 vs 0.37 s, torch.compile 0.33 vs 0.35 s.
 """
 import argparse
 import json
