@@ -29,8 +29,9 @@ of shapes right). The latents were not the cause (decoding real latents with noi
 likely outlines whose average is a round blob. Upright, the same UNet went to 81% held-out shapes
 within 7400 fine-tuning steps.
 
-From scratch the upright world is not learnt in an hour. With the shipped autoencoder and batch 32,
-held-out shapes / foregrounds / backgrounds (check_toy_model.py, 72 samples; 48 in the first row):
+From scratch the upright world is not learnt in an hour. Held-out shapes / foregrounds / backgrounds
+(check_toy_model.py, 72 samples, 48 in the first row), batch 32 unless said, with the shipped model's
+autoencoder before its decoder fine-tune:
   lr 1e-3, 3000 steps, 17 min on 2 threads:                    19% / 88% / 92%
   lr 2e-3, 5075 steps, 50 min on 1 thread beside another run:  8% / 75% / 88%
   the same at batch 16, 8500 steps:                            11% / 81% / 88%
