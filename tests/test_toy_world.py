@@ -69,6 +69,24 @@ def test_captions_name_the_scene():
     assert any(f"{sc.fg} {sc.shape} on a {sc.bg} background" in cap for _, sc, cap in data)
 
 
+def test_caption_fields_state_only_what_the_caption_names():
+    sc = tw.Scene("star", "red", "blue", 64.0, 64.0, 30.0, 0.0, "")
+    assert tw.caption_fields(sc, tw.full_caption("star", "red", "blue")) == (4, 1, 3, 0)
+    assert tw.caption_fields(sc, "a photo of a red shape, solid") == (0, 1, 0, 2)
+    assert tw.caption_fields(sc, "a star on blue") == (4, 0, 3, 0)
+    assert tw.caption_fields(sc, "") == (0, 0, 0, 0)
+    outlined = tw.Scene("cross", "white", "black", 64.0, 64.0, 30.0, 0.0, tw.STYLE)
+    assert tw.caption_fields(outlined, "a cross on a black background in outline") == (5, 0, 8, 1)
+    for _, s, cap in tw.generate(200, 16) + tw.generate(50, 17, style=tw.STYLE):
+        words = cap.replace(",", " ").split()
+        shape, fg, bg, style = tw.caption_fields(s, cap)
+        assert bool(shape) == (s.shape in words)
+        assert bool(bg) == (f"on a {s.bg} background" in cap or f"on {s.bg}" in cap)
+        # a colour named before "on" is the foreground's
+        assert bool(fg) == (s.fg in (words[:words.index("on")] if "on" in words else words))
+        assert style == (1 if s.style else 2 if cap.endswith(tw.FILL_PHRASES) else 0)
+
+
 def test_outlined_captions_name_the_style_without_the_style_template_words():
     # The TI style test relies on this: "painting", "style" and the initializer "drawing" must mean
     # nothing to the base model, only the style phrases may.
