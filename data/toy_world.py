@@ -195,7 +195,7 @@ def caption_fields(scene, text):
     shape = re.search(rf"\b{scene.shape}\b", text)
     fg = f"{scene.fg} {scene.shape}" in text or f"{scene.fg} shape" in text
     bg = re.search(rf"\bon (a )?{scene.bg}\b", text)
-    style = 1 if scene.style == STYLE else 2 if text.endswith(FILL_PHRASES) else 0
+    style = 1 if text.endswith(STYLE_PHRASES) else 2 if text.endswith(FILL_PHRASES) else 0
     return (1 + SHAPES.index(scene.shape) if shape else 0, 1 + colours.index(scene.fg) if fg else 0,
             1 + colours.index(scene.bg) if bg else 0, style)
 

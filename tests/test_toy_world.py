@@ -77,6 +77,7 @@ def test_caption_fields_state_only_what_the_caption_names():
     assert tw.caption_fields(sc, "") == (0, 0, 0, 0)
     outlined = tw.Scene("cross", "white", "black", 64.0, 64.0, 30.0, 0.0, tw.STYLE)
     assert tw.caption_fields(outlined, "a cross on a black background in outline") == (5, 0, 8, 1)
+    assert tw.caption_fields(outlined, "") == (0, 0, 0, 0)  # the caption dropped for guidance
     for _, s, cap in tw.generate(200, 16) + tw.generate(50, 17, style=tw.STYLE):
         words = cap.replace(",", " ").split()
         shape, fg, bg, style = tw.caption_fields(s, cap)
