@@ -326,8 +326,8 @@ def style_pool(work, vae, n):
 def pretrain_text_encoder(work, te, tok, steps, batch=128, lr=1e-3):
     """Teach the text encoder, from captions alone, to state at every position after the caption what
     the caption says (shape, colours, style; linear probes), as SD gets a pretrained CLIP. Trained
-    jointly from random init the encoder kept the shape word as faint as the UNet's first guesses
-    used it, and the UNet never learnt to read it."""
+    jointly with the UNet from random init, the encoder kept the shape word as faint as at init
+    (nothing asked for it while the UNet could not yet use it), and the UNet never learnt to read it."""
     path = os.path.join(work, "text_encoder_probe.pt")
     if os.path.exists(path):
         te.load_state_dict(torch.load(path))
@@ -336,7 +336,7 @@ def pretrain_text_encoder(work, te, tok, steps, batch=128, lr=1e-3):
                                 (1 + len(tw.SHAPES), 1 + len(tw.COLORS), 1 + len(tw.COLORS), 1 + 2))
     opt = torch.optim.AdamW(list(te.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
     rng = random.Random(11)
-    combos = tw.training_combos()
+    combos = tw.training_combos()  # purple stars and held-out triples stay unseen, in text too
     for step in range(1, steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, step / 50) * 0.5 * (1 + np.cos(np.pi * step / steps))
