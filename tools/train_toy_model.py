@@ -337,9 +337,11 @@ def pretrain_text_encoder(work, te, tok, steps, batch=128, lr=1e-3):
     opt = torch.optim.AdamW(list(te.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
     rng = random.Random(11)
     combos = tw.training_combos()  # purple stars and held-out triples stay unseen, in text too
+    budget = Budget(steps, float("inf"))
     for step in range(1, steps + 1):
+        budget.step = step
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, step / 50) * 0.5 * (1 + np.cos(np.pi * step / steps))
+            group["lr"] = lr * budget.lr_factor(warmup=50 / steps)
         scenes = [tw.random_scene(rng, combos, tw.STYLE if rng.random() < 0.2 else "") for _ in range(batch)]
         caps = [tw.caption(sc, rng) if rng.random() >= 0.1 else "" for sc in scenes]
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -384,6 +386,8 @@ def train_unet(work, latents, scenes, scale, channels, steps, minutes, batch, lr
         ema = st["ema"]
         start, used = st["step"], st["seconds"]
         log(f"resumed at step {start}")
+    # A frozen text encoder's EMA is the encoder itself; averaging it every step would be wasted work.
+    averaged = [(e, p) for e, p in zip(ema, params) if p.requires_grad]
     noise_sched = make_scheduler()
     acp = noise_sched.alphas_cumprod
     lat = torch.from_numpy(latents) * scale
@@ -426,7 +430,7 @@ def train_unet(work, latents, scenes, scale, channels, steps, minutes, batch, lr
         opt.step()
         decay = min(0.998, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema, params):
+            for e, p in averaged:
                 e.lerp_(p.detach(), 1 - decay)
         if step % 25 == 0 or step == start + 1:
             log(f"unet step {step} progress {budget.progress():.3f} loss {loss.item():.4f} "
