@@ -566,5 +566,6 @@ def main():
     export(a.out, load_vae(os.path.join(a.work, "vae_decoder_ft")) or vae, unet, te, tok, scale)
     log(f"all stages in {(time.time() - t0) / 60:.1f} min")
 
+
 if __name__ == "__main__":
     main()
