@@ -191,13 +191,12 @@ def caption(scene, rng):
 def caption_fields(scene, text):
     """What a caption of `scene` says: 1-based (shape, fg, bg, style) class indices into SHAPES, COLORS,
     COLORS and (outlined, filled), 0 for a field it does not state ("shape" states no shape)."""
-    colours = list(COLORS)
     shape = re.search(rf"\b{scene.shape}\b", text)
     fg = f"{scene.fg} {scene.shape}" in text or f"{scene.fg} shape" in text
     bg = re.search(rf"\bon (a )?{scene.bg}\b", text)
     style = 1 if text.endswith(STYLE_PHRASES) else 2 if text.endswith(FILL_PHRASES) else 0
-    return (1 + SHAPES.index(scene.shape) if shape else 0, 1 + colours.index(scene.fg) if fg else 0,
-            1 + colours.index(scene.bg) if bg else 0, style)
+    return (1 + SHAPES.index(scene.shape) if shape else 0, 1 + _NAMES.index(scene.fg) if fg else 0,
+            1 + _NAMES.index(scene.bg) if bg else 0, style)
 
 
 def full_caption(shape, fg, bg):

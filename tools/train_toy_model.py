@@ -444,8 +444,7 @@ def train_unet(work, latents, scenes, scale, channels, steps, minutes, batch, lr
         t = torch.from_numpy(g.integers(0, 1000, batch))
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with torch.set_grad_enabled(not frozen):
-            ctx = te(ids).last_hidden_state
+        ctx = te(ids).last_hidden_state
         # Both weightings damp the easy low-noise steps like min-SNR-5. "x0" (the shipped model's)
         # also lifts the noisy steps: eps error is tiny there (x_t is nearly the noise), yet that is
         # where layout and colours, i.e. what the text decides, are made, so they weigh like an x0
