@@ -199,8 +199,8 @@ def caption_fields(scene, text):
             1 + _NAMES.index(scene.bg) if bg else 0, style)
 
 
-def full_caption(shape, fg, bg):
-    return f"a photo of a {fg} {shape} on a {bg} background"
+def full_caption(shape, fg, bg=None):
+    return f"a photo of a {fg} {shape}" + (f" on a {bg} background" if bg else "")
 
 
 def generate(n, seed, combos=None, style=""):

@@ -72,6 +72,7 @@ def test_captions_name_the_scene():
 def test_caption_fields_state_only_what_the_caption_names():
     sc = tw.Scene("star", "red", "blue", 64.0, 64.0, 30.0, 0.0, "")
     assert tw.caption_fields(sc, tw.full_caption("star", "red", "blue")) == (4, 1, 3, 0)
+    assert tw.caption_fields(sc, tw.full_caption("star", "red")) == (4, 1, 0, 0)
     assert tw.caption_fields(sc, "a photo of a red shape, solid") == (0, 1, 0, 2)
     assert tw.caption_fields(sc, "a star on blue") == (4, 0, 3, 0)
     assert tw.caption_fields(sc, "") == (0, 0, 0, 0)

@@ -6,6 +6,8 @@ Rows of the table:
   held-out    "a photo of a {fg} {shape} on a {bg} background" for triples never trained on
   trained     the same caption for triples in the training set
   purple star purple-star captions (a combination the base model never saw)
+  purple star, no background  "a photo of a purple star", as TI's "a photo of <my-shape>" asks for it;
+              its bg column is the share whose background differs from the foreground (the star shows)
   outlined    trained triples with a style phrase appended (", outlined")
 The last column is the share of samples judged outlined: high in the outlined row, near 0 elsewhere.
   "a photo of a shape"  what TI's initializer prompt gives: how often that is already a purple star
@@ -44,12 +46,14 @@ def sample(pipe, prompts, steps, guidance, seed, batch=32):
 
 
 def score(images, truths):
-    """Per-field accuracy of the judge's verdicts against (shape, fg, bg) truths, and the outlined share."""
+    """Per-field accuracy of the judge's verdicts against (shape, fg, bg) truths, and the outlined share.
+    A bg of None (the caption names none) counts any background but the foreground's colour as right."""
     v = [tw.judge(im) for im in images]
+    bg_ok = [x.bg == t[2] if t[2] else x.bg != x.fg for x, t in zip(v, truths)]
     shape = np.mean([x.shape == t[0] for x, t in zip(v, truths)])
     fg = np.mean([x.fg == t[1] for x, t in zip(v, truths)])
-    bg = np.mean([x.bg == t[2] for x, t in zip(v, truths)])
-    allok = np.mean([(x.shape, x.fg, x.bg) == tuple(t) for x, t in zip(v, truths)])
+    bg = np.mean(bg_ok)
+    allok = np.mean([x.shape == t[0] and x.fg == t[1] and ok for x, t, ok in zip(v, truths, bg_ok)])
     outlined = np.mean([x.style == tw.STYLE for x in v])
     return shape, fg, bg, allok, outlined
 
@@ -73,8 +77,9 @@ def main():
     rows = []
     grids = []
     outlined = tw.training_combos()[3::11][:24]
+    no_bg = [(*tw.PURPLE_STAR, None)] * len(purple)
     for name, truths, suffix in (("held-out", held, ""), ("trained", trained, ""), ("purple star", purple, ""),
-                                 ("outlined", outlined, tw.STYLE_PHRASES[0])):
+                                 ("purple star, no background", no_bg, ""), ("outlined", outlined, tw.STYLE_PHRASES[0])):
         imgs = sample(pipe, [tw.full_caption(*t) + suffix for t in truths], a.steps, a.guidance, a.seed)
         rows.append((name, len(truths), *score(imgs, truths)))
         grids.append(imgs[:12])
