@@ -73,12 +73,13 @@ autocast nor torch.compile made the step cheaper (batch 32, 2 threads, joint enc
 Why TI falls short on the default recipe's model: TI's prompt "a photo of <my-shape>" names no
 background, and the model draws "a photo of a purple star", no background named, right in only 57%
 of 21 samples (check_toy_model.py's "no background" row; the shipped model 76%). It tends to put the
-star on purple or blue. TI reaches about that level (400 steps: 44-50% of 16) and learns the concept
-well where the prompt names a background (94-100%). The words' own states are not the cause: with
-the end-of-text state copied over every word position, 16 of 32 samples are stars, against 17 as they
-are. The shipped model's x0 weighting does not carry over: probe encoder with --loss-weight x0, 6000
-steps, the recipe's autoencoder: held-out shapes 32%, no purple star, and TI draws no stars either
-(with 1/snr capped at 5 instead of 20: 76% held-out, again no purple stars).
+star on purple or blue. With 2 or 3 vectors and 400 steps TI reaches about that level (44-50% of 16)
+and draws purple stars where the prompt names a background (94-100%). The UNet reading the words'
+own positions, which the probe does not train, is not the cause: with the end-of-text state copied
+over every word position, 16 of 32 samples are stars, against 17 as they are. The shipped model's
+x0 weighting does not carry over: probe encoder with --loss-weight x0, 6000 steps, the recipe's
+autoencoder: held-out shapes 32%, no purple star, and TI draws no stars either (with 1/snr capped at
+5 instead of 20: 76% held-out, again no purple stars).
 """
 import argparse
 import json
