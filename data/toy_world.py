@@ -52,7 +52,9 @@ STYLE_PHRASES = (", outlined", " in outline", ", drawn as an outline")
 # had a tail).
 FILL_PHRASES = (", filled", ", solid", " in solid colour")
 
-# Never in the base model's training set: TI's known-answer object test must find it.
+# TI's known-answer object. The base model is trained on purple stars under their own words, as SD
+# has seen cat toys; TI's prompt ("a photo of <my-shape>") and initializer ("shape") carry neither
+# word, so TI has to find the concept in embedding space from its images alone.
 PURPLE_STAR = ("star", "purple")
 # Held-out (shape, fg, bg) triples for the base model's quality check: each (shape, fg) pair is still
 # seen on other backgrounds, so these test composition, not memory.
@@ -64,7 +66,8 @@ def all_combos():
 
 
 def heldout_combos(n=24):
-    """Triples kept out of the base model's training set for the quality check (never purple stars)."""
+    """Triples kept out of the base model's training set for the quality check. Purple stars stay out of
+    the draw, which keeps the same 24 triples as when the base model never saw purple stars."""
     pool = [c for c in all_combos() if (c[0], c[1]) != PURPLE_STAR]
     rng = random.Random(_HELDOUT_SEED)
     return sorted(rng.sample(pool, n))
@@ -72,7 +75,7 @@ def heldout_combos(n=24):
 
 def training_combos():
     held = set(heldout_combos())
-    return [c for c in all_combos() if (c[0], c[1]) != PURPLE_STAR and c not in held]
+    return [c for c in all_combos() if c not in held]
 
 
 def shape_polygon(shape, cx, cy, r, angle_deg):

@@ -3,7 +3,7 @@
 Both concepts are trained with their shipped tiny configs (100 steps) and judged by the pixel judge on
 16 samples per prompt; tools/evaluate_ti.py prints the same table with more samples.
 The object meets the known-answer bar: purple stars from the learned word, not from its initializer,
-and still purple stars on a background the images never showed.
+and still purple stars on the background the edited prompt names.
 
 - object: `<my-shape>` from the 8 purple-star images, starting from "shape", which names no colour or
   shape; the base model has seen purple things and stars, never a purple star.
@@ -45,7 +45,7 @@ def test_textual_inversion_learns_the_object(tmp_path, tiny):
     # measured: 16/16 vs 0/16 (64 samples: 95% vs 0%)
     assert share(learned, shape=shape, fg=colour) >= 0.8, rows
     assert share(initial, shape=shape, fg=colour) <= 0.2, rows
-    # editability: the concept kept in a scene it never saw, measured 16/16 (64 samples: 98%)
+    # editability: the concept kept on the background the prompt names, measured 16/16 (64 samples: 98%)
     assert share(edited, shape=shape, fg=colour, bg="yellow") >= 0.7, rows
 
 

@@ -5,7 +5,7 @@
 Rows of the table:
   held-out    "a photo of a {fg} {shape} on a {bg} background" for triples never trained on
   trained     the same caption for triples in the training set
-  purple star purple-star captions (a combination the base model never saw)
+  purple star purple-star captions on every background (TI's object concept, named in words)
   purple star, no background  "a photo of a purple star", as TI's "a photo of <my-shape>" asks for it;
               its bg column is the share whose background differs from the foreground (the star shows)
   outlined    trained triples with a style phrase appended (", outlined")

@@ -6,8 +6,8 @@
 Samples n images per prompt (DPM-Solver++, 20 steps), lets the pixel judge (data/toy_world.py) read
 them, and prints the share of samples that show the concept: with the learned vectors, with the
 initializer's embedding in their place (what training started from), and in an edited prompt
-(editability: the concept in a scene it was never shown in: on a yellow background for the object, as
-a yellow circle on blue for the style).
+(editability: the concept in a scene the prompt describes: on a yellow background for the object (one of
+its 8 images has one), as a yellow circle on blue for the style (none of its images is one)).
 
 - object: the purple star (`<my-shape>`, initializer "shape"); columns: purple foreground, star, both,
   and the yellow background the edited prompt asks for.
