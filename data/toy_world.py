@@ -52,9 +52,10 @@ STYLE_PHRASES = (", outlined", " in outline", ", drawn as an outline")
 # had a tail).
 FILL_PHRASES = (", filled", ", solid", " in solid colour")
 
-# TI's known-answer object. The base model is trained on purple stars under their own words, as SD
-# has seen cat toys; TI's prompt ("a photo of <my-shape>") and initializer ("shape") carry neither
-# word, so TI has to find the concept in embedding space from its images alone.
+# TI's known-answer object. tools/train_toy_model.py trains the base model on purple stars under their
+# own words, as SD has seen cat toys (the shipped models/tiny-sd predates that and never saw one);
+# TI's prompt ("a photo of <my-shape>") and initializer ("shape") carry neither word, so TI has to
+# find the concept in embedding space from its images alone.
 PURPLE_STAR = ("star", "purple")
 # Held-out (shape, fg, bg) triples for the base model's quality check: each (shape, fg) pair is still
 # seen on other backgrounds, so these test composition, not memory.
