@@ -17,27 +17,26 @@ Stages, each checkpointed under --work so an interrupted run resumes:
   5. fp16 diffusers folder with the real CLIP tokenizer files.
 
 The defaults train a model from scratch in 48-52 min on 2 CPU cores (two timed runs, peak RSS 4.1 GB):
-image pools 0.4 min; VAE 8 min on 2 threads (1375-1500 steps); latents 1 min; then, side by side on
-one thread each, the text encoder probe (4 min) and UNet, and the decoder fine-tune (14 min); the
-UNet takes both threads once the decoder is done (6000 steps, 34-37 min in all). The last run's
-samples (check_toy_model.py, shape / foreground / background): held-out triples 90% / 96% / 93% (72),
-trained triples 92% / 97% / 95% (37), purple stars 100% / 100% / 100% (21), with no background named
-76% / 90% / 100%. TI's object config finds purple stars on it in 44% of 16 samples after its 100
-steps and 94% after 300 (edited prompt 31% / 100%). Those TI runs used a variant of the example set
-with no yellow background (so that the edited prompt's yellow is new to TI): purple stars on red,
-green, blue, orange, white, black, green, orange. On that set, TI on the shipped model drew 9% purple
-stars (64 samples; 95% with the shipped set), so that set is not shipped. The model is not shipped
-because of the style: with it, TI's style initializer already draws outlines. "a painting in the style of drawing"
-gives 88% outlined shapes, and "drawing", "a painting" and "a photo of drawing" give 0%. The cause is
-"in" after the scene: the world's " in outline" (a third of the outlined captions) taught these
-models that it means outlined. "a photo of a red circle in blue" gives 100% outlined, and "a painting
-in the style of" gives 62%. Every TI style template says "in the style of". The shipped model, with
-the same captions, draws 0% outlined for "drawing" in that template. A rerun of the text encoder and
-UNet stages on the same pools and autoencoder, with 15% of the captions given one to three random
-vocabulary words (a trial, not kept), drew the same way: 81% outlined for "drawing", 94% for "a
-painting in the style of". Its object TI reached 94% / 100% after 100 / 300 steps, so the object's
-spread between runs is wide. The next step is a style phrase that does not start with "in", then a
-retrain.
+image pools 0.4 min; VAE 8 min on 2 threads (1375-1500 steps); latents 1 min; then, side by side on one
+thread each, the text encoder probe (4 min) and UNet, and the decoder fine-tune (14 min); the UNet
+takes both threads once the decoder is done (6000 steps, 34-37 min in all). The last full run's samples
+(check_toy_model.py, shape / foreground / background): held-out triples 90% / 96% / 93% (72), trained
+triples 92% / 97% / 95% (37), purple stars 100% / 100% / 100% (21), with no background named 76% / 90%
+/ 100%. TI's object config finds purple stars on it in 44% of 16 samples after its 100 steps and 94%
+after 300 (edited prompt 31% / 100%). Those TI runs used a variant of the example set with no yellow
+background (so that the edited prompt's yellow is new to TI): purple stars on red, green, blue, orange,
+white, black, green, orange. On that set, TI on the shipped model drew 9% purple stars (64 samples; 95%
+with the shipped set), so that set is not shipped. The model is not shipped because of the style: with
+it, TI's style initializer already draws outlines. "a painting in the style of drawing" gives 88%
+outlined shapes, and "drawing", "a painting" and "a photo of drawing" give 0%. The cause is "in" after
+the scene: the world's " in outline" (a third of the outlined captions) taught these models that it
+means outlined. "a photo of a red circle in blue" gives 100% outlined, and "a painting in the style of"
+gives 62%. Every TI style template says "in the style of". The shipped model, with the same captions,
+draws 0% outlined for "drawing" in that template. A rerun of the text encoder and UNet stages on the
+same pools and autoencoder, with 15% of the captions given one to three random vocabulary words (a
+trial, not kept), drew the same way: 81% outlined for "drawing", 94% for "a painting in the style of".
+Its object TI reached 94% / 100% after 100 / 300 steps, so the object's spread between runs is wide.
+The next step is a style phrase that does not start with "in", then a retrain.
 
 The shipped models/tiny-sd is older than the probe text encoder: it was trained in four legs with
 --text-encoder joint --loss-weight x0, the recipe growing between them: steps 1-4788 on the base
@@ -220,7 +219,8 @@ def image_pools(work, n_base, n_extra):
     scenes = [tw.random_scene(rng, combos) for _ in range(n_base)]
     base = np.stack([tw.render(s) for s in scenes])
     # Autoencoder-only images: held-out triples and outlined shapes, which the base pool lacks.
-    extra_sc = [tw.random_scene(rng, tw.heldout_combos()) for _ in range(n_extra // 2)]
+    held = tw.heldout_combos()
+    extra_sc = [tw.random_scene(rng, held) for _ in range(n_extra // 2)]
     extra_sc += [tw.random_scene(rng, None, tw.STYLE) for _ in range(n_extra - n_extra // 2)]
     extra = np.stack([tw.render(s) for s in extra_sc])
     np.savez(path, base=base, scenes=np.array(scenes, dtype=object), extra=extra)
