@@ -42,15 +42,16 @@ CROSS_HALF_WIDTH = 0.32
 TILT = 10.0
 
 # The TI style concept: the shape is drawn hollow, as a thick outline. The base model learns it from
-# captions that name it with these phrases, none of which contains "style" or "painting", so the
+# captions that name it with these phrases, none of which contains "style", "painting" or "in", so the
 # words of TI's style templates ("a painting in the style of {}") and its initializer carry no outline:
-# TI has to find the style in embedding space from images alone.
+# TI has to find the style in embedding space from images alone. (A recipe model trained on " in
+# outline" read any "in" after a scene as outlined.)
 STYLE = "outlined"
-STYLE_PHRASES = (", outlined", " in outline", ", drawn as an outline")
+STYLE_PHRASES = (", outlined", ", as an outline", ", drawn as an outline")
 # Some filled scenes' captions end in one of these, so that the style is told by its words, not by
 # the caption going on after the scene (the model learned that shortcut when only outlined captions
 # had a tail).
-FILL_PHRASES = (", filled", ", solid", " in solid colour")
+FILL_PHRASES = (", filled", ", solid", ", solid colour")
 
 # TI's known-answer object. tools/train_toy_model.py trains the base model on purple stars under their
 # own words, as SD has seen cat toys (the shipped models/tiny-sd predates that and never saw one);

@@ -77,7 +77,7 @@ def test_caption_fields_state_only_what_the_caption_names():
     assert tw.caption_fields(sc, "a star on blue") == (4, 0, 3, 0)
     assert tw.caption_fields(sc, "") == (0, 0, 0, 0)
     outlined = tw.Scene("cross", "white", "black", 64.0, 64.0, 30.0, 0.0, tw.STYLE)
-    assert tw.caption_fields(outlined, "a cross on a black background in outline") == (5, 0, 8, 1)
+    assert tw.caption_fields(outlined, "a cross on a black background, as an outline") == (5, 0, 8, 1)
     assert tw.caption_fields(outlined, "") == (0, 0, 0, 0)  # the caption dropped for guidance
     for _, s, cap in tw.generate(200, 16) + tw.generate(50, 17, style=tw.STYLE):
         words = cap.replace(",", " ").split()
@@ -90,14 +90,15 @@ def test_caption_fields_state_only_what_the_caption_names():
 
 
 def test_outlined_captions_name_the_style_without_the_style_template_words():
-    # The TI style test relies on this: "painting", "style" and the initializer "drawing" must mean
-    # nothing to the base model, only the style phrases may.
+    # The TI style test relies on this: "painting", "style", "in" and the initializer "drawing" must
+    # mean nothing to the base model, only the style phrases may (a model trained on " in outline"
+    # read the templates' "in the style of" as outlined).
     data = tw.generate(60, 15, style=tw.STYLE)
     assert all(cap.endswith(tw.STYLE_PHRASES) for _, _, cap in data)
     assert {p for p in tw.STYLE_PHRASES if any(c.endswith(p) for _, _, c in data)} == set(tw.STYLE_PHRASES)
     plain = tw.generate(60, 15)
     words = {w for _, _, c in data + plain for w in c.replace(",", " ").split()}
-    assert not words & {"painting", "style", "drawing"}
+    assert not words & {"painting", "style", "in", "drawing"}
     assert not any(c.endswith(tw.STYLE_PHRASES) for _, _, c in plain)
     # filled scenes have tails too, so a tail alone does not mean "outlined"
     assert any(c.endswith(tw.FILL_PHRASES) for _, _, c in plain)

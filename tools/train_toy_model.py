@@ -19,24 +19,30 @@ Stages, each checkpointed under --work so an interrupted run resumes:
 The defaults train a model from scratch in 48-52 min on 2 CPU cores (two timed runs, peak RSS 4.1 GB):
 image pools 0.4 min; VAE 8 min on 2 threads (1375-1500 steps); latents 1 min; then, side by side on one
 thread each, the text encoder probe (4 min) and UNet, and the decoder fine-tune (14 min); the UNet
-takes both threads once the decoder is done (6000 steps, 34-37 min in all). The last full run's samples
-(check_toy_model.py, shape / foreground / background): held-out triples 90% / 96% / 93% (72), trained
-triples 92% / 97% / 95% (37), purple stars 100% / 100% / 100% (21), with no background named 76% / 90%
-/ 100%. TI's object config finds purple stars on it in 44% of 16 samples after its 100 steps and 94%
-after 300 (edited prompt 31% / 100%). Those TI runs used a variant of the example set with no yellow
-background (so that the edited prompt's yellow is new to TI): purple stars on red, green, blue, orange,
-white, black, green, orange. On that set, TI on the shipped model drew 9% purple stars (64 samples; 95%
-with the shipped set), so that set is not shipped. The model is not shipped because of the style: with
-it, TI's style initializer already draws outlines. "a painting in the style of drawing" gives 88%
-outlined shapes, and "drawing", "a painting" and "a photo of drawing" give 0%. The cause is "in" after
-the scene: the world's " in outline" (a third of the outlined captions) taught these models that it
-means outlined. "a photo of a red circle in blue" gives 100% outlined, and "a painting in the style of"
-gives 62%. Every TI style template says "in the style of". The shipped model, with the same captions,
-draws 0% outlined for "drawing" in that template. A rerun of the text encoder and UNet stages on the
-same pools and autoencoder, with 15% of the captions given one to three random vocabulary words (a
-trial, not kept), drew the same way: 81% outlined for "drawing", 94% for "a painting in the style of".
-Its object TI reached 94% / 100% after 100 / 300 steps, so the object's spread between runs is wide.
-The next step is a style phrase that does not start with "in", then a retrain.
+takes both threads once the decoder is done (6000 steps, 34-37 min in all).
+
+The last full run drew, by check_toy_model.py (shape / foreground / background): held-out
+triples 90% / 96% / 93% (72), trained triples 92% / 97% / 95% (37), purple stars 100% / 100% / 100%
+(21), with no background named 76% / 90% / 100%. It read "in" after a scene as outlined, from the
+world's then style phrase " in outline" (a third of the outlined captions): "a photo of a red circle
+in blue" gave 100% outlined shapes, and TI's style initializer "a painting in the style of drawing"
+88% (the shipped model, with the same captions: 0%). A rerun of its text encoder and UNet stages
+with 15% of the captions given one to three random vocabulary words (a trial, not kept) drew the same
+way. The captions now contain no "in" (toy_world.STYLE_PHRASES and FILL_PHRASES). Rerun on ps's
+autoencoder with them (text encoder and UNet stages, 39.5 min): held-out 90% / 97% / 96%,
+trained 95% / 100% / 97%, purple stars 100% / 86% / 95%, with no background 90% / 57% / 100%; "in"
+means nothing (0% outlined for the prompts above). TI with the shipped configs, 64 samples (the
+shipped model in brackets):
+  style, 100 steps: 55% outlined, initializer 2% (66%, 0%); the edited prompt "a yellow circle on a
+    blue background in the style of <my-style>" outlined yellow on blue 95% (0%). 300 steps: 61%.
+  object, 100 steps, TI seed 42 / 7: 84% / 78% purple stars (95%), initializer 0%; edited prompt
+    100% / 36% (98%). Seed 42 after 300 steps: 72%. At 32 samples: seed 1 84%; seeds 42 / 7 with
+    batch 8 59% / 19%, 2 vectors 78% / 84%, lr 2e-3 78% / 75%, lr 1e-2 66% / 78%.
+The failures are pale stars, judged white: the model's own background-less purple star has a purple
+foreground in 57%. A 13-min fine-tune of that UNet (--init, lr 3e-4, 2200 steps) gave 75% / 88%
+(seeds 42 / 7, 32 samples). So the recipe's style is now better than the shipped model's and its
+object worse; the shipped model stays. Earlier runs' TI scattered by about 20 points between runs
+and between 16-sample evaluations: judge a candidate with 64 samples and more than one TI seed.
 
 The shipped models/tiny-sd is older than the probe text encoder: it was trained in four legs with
 --text-encoder joint --loss-weight x0, the recipe growing between them: steps 1-4788 on the base
