@@ -1,9 +1,12 @@
 import os
+from dataclasses import asdict
 
 import pytest
 from huggingface_hub import constants
 
 from ldm import pretrained
+from ldm.convert import config_from_diffusers
+from ldm.models import load_model_config
 
 
 @pytest.fixture
@@ -77,3 +80,12 @@ def test_version_table():
     vpred = os.path.join(pretrained.ROOT, "configs/v2-vpred-inference.yaml")
     assert pretrained.get_version("2.1-v").config_path == vpred
     assert pretrained.get_version("1.5").config == "configs/v1-inference.yaml"
+
+
+def test_tiny_yaml_describes_the_shipped_model():
+    # Training reads the version's YAML, sampling the folder's config.json files; a scale_factor left
+    # stale in the YAML when the model was retrained once went unnoticed.
+    yaml_config = asdict(load_model_config(pretrained.get_version("tiny").config_path))
+    folder_config = asdict(config_from_diffusers(pretrained.resolve_weights("tiny")))
+    assert yaml_config.pop("scale_factor") == pytest.approx(folder_config.pop("scale_factor"), rel=1e-7)
+    assert yaml_config == folder_config

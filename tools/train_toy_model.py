@@ -33,7 +33,7 @@ autoencoder with them (text encoder and UNet stages, 39.5 min): held-out 90% / 9
 trained 95% / 100% / 97%, purple stars 100% / 86% / 95%, with no background 90% / 57% / 100%; "in"
 means nothing (0% outlined for the prompts above). TI with the shipped configs, 64 samples (the
 shipped model in brackets):
-  style, 100 steps: 55% outlined, initializer 2% (66%, 0%); the edited prompt "a yellow circle on a
+  style, 100 steps: 55% outlined, initializer 2% (64%, 0%); the edited prompt "a yellow circle on a
     blue background in the style of <my-style>" outlined yellow on blue 95% (0%). 300 steps: 61%.
   object, 100 steps, TI seed 42 / 7: 84% / 78% purple stars (95%), initializer 0%; edited prompt
     100% / 36% (98%). Seed 42 after 300 steps: 72%. At 32 samples: seed 1 84%; seeds 42 / 7 with
