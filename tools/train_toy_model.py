@@ -16,12 +16,12 @@ Stages, each checkpointed under --work so an interrupted run resumes:
      sharpens the autoencoder's decoder with its encoder frozen (--decoder-minutes),
   5. fp16 diffusers folder with the real CLIP tokenizer files.
 
-The defaults train a model from scratch in 48-52 min on 2 CPU cores (two timed runs, peak RSS 4.1 GB):
+The defaults train a model from scratch in 48-54 min on 2 CPU cores (three timed runs, peak RSS 4.1 GB):
 image pools 0.4 min; VAE 8 min on 2 threads (1375-1500 steps); latents 1 min; then, side by side on one
 thread each, the text encoder probe (4 min) and UNet, and the decoder fine-tune (14 min); the UNet
 takes both threads once the decoder is done (6000 steps, 34-37 min in all).
 
-The last full run drew, by check_toy_model.py (shape / foreground / background): held-out
+The full run before the caption change drew, by check_toy_model.py (shape / foreground / background): held-out
 triples 90% / 96% / 93% (72), trained triples 92% / 97% / 95% (37), purple stars 100% / 100% / 100%
 (21), with no background named 76% / 90% / 100%. It read "in" after a scene as outlined, from the
 world's then style phrase " in outline" (a third of the outlined captions): "a photo of a red circle
@@ -46,6 +46,9 @@ and between 16-sample evaluations: judge a candidate with 64 samples and more th
 The example set keeps its one image on yellow, the edited prompt's background: without it (purple
 stars on red, green, blue, orange, white, black, green, orange), TI on the shipped model drew 9%
 purple stars (64 samples; 95% with the shipped set).
+A from-scratch run with the new captions (53.7 min) learnt shapes poorly: held-out 62% / 97% / 100%,
+purple stars 29% / 100% / 100%, object TI 0% / 2% (seeds 42 / 7), style 14% vs 0%. The recipe's shape
+learning varies between runs (90% and 62% held-out shapes); what makes a run good is not known yet.
 
 The shipped models/tiny-sd is older than the probe text encoder: it was trained in four legs with
 --text-encoder joint --loss-weight x0, the recipe growing between them: steps 1-4788 on the base
