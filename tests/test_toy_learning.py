@@ -1,12 +1,12 @@
 """Known-answer Textual Inversion on the trained toy-world model (models/tiny-sd).
 
-Both concepts are trained with their shipped tiny configs (100 steps) and judged by the pixel judge on
-16 samples per prompt; tools/evaluate_ti.py prints the same table with more samples.
+Both concepts are trained with their shipped tiny configs (object 300 steps, style 100) and judged by
+the pixel judge on 16 samples per prompt; tools/evaluate_ti.py prints the same table with more samples.
 The object meets the known-answer bar: purple stars from the learned word, not from its initializer,
 and still purple stars on the background the edited prompt names.
 
 - object: `<my-shape>` from the 8 purple-star images, starting from "shape", which names no colour or
-  shape; the base model has seen purple things and stars, never a purple star.
+  shape; the base model knows purple stars only under their own words.
 - style: `<my-style>` from 8 images of assorted outlined shapes with style captions, starting from
   "drawing", which the base model never read; it knows the style only under other words.
 """
@@ -29,31 +29,31 @@ def tiny():
     return StableDiffusion.load("tiny")
 
 
-def _train(yaml, out):
+def _train(yaml, out, steps):
     assert T.main(["--train_config", yaml, "--output_path", str(out), "--validation_prompt", "none"]) == 0
-    emb = load_embedding(os.path.join(out, "weights", "SDvtiny_textual_inversion_100_ti.ckpt"))
+    emb = load_embedding(os.path.join(out, "weights", f"SDvtiny_textual_inversion_{steps}_ti.ckpt"))
     assert emb.vectors.shape == (1, 64)
     return emb
 
 
 def test_textual_inversion_learns_the_object(tmp_path, tiny):
-    emb = _train("configs/train/train_config_textual_inversion_tiny.yaml", tmp_path)
+    emb = _train("configs/train/train_config_textual_inversion_tiny.yaml", tmp_path, 300)
     assert emb.token == "<my-shape>"
     rows = evaluate(tiny, emb.token, emb.vectors, "object", n=16, seed=1000)
     learned, initial, edited = rows.values()
     shape, colour = PURPLE_STAR
-    # measured: 16/16 vs 0/16 (64 samples: 95% vs 0%)
+    # measured: 16/16 vs 0/16 (64 samples: 89% vs 2%)
     assert share(learned, shape=shape, fg=colour) >= 0.8, rows
     assert share(initial, shape=shape, fg=colour) <= 0.2, rows
-    # editability: the concept kept on the background the prompt names, measured 16/16 (64 samples: 98%)
+    # editability: the concept kept on the background the prompt names, measured 16/16 (64 samples: 100%)
     assert share(edited, shape=shape, fg=colour, bg="yellow") >= 0.7, rows
 
 
 def test_textual_inversion_learns_the_style(tmp_path, tiny):
-    emb = _train("configs/train/train_config_textual_inversion_tiny_style.yaml", tmp_path)
+    emb = _train("configs/train/train_config_textual_inversion_tiny_style.yaml", tmp_path, 100)
     assert emb.token == "<my-style>"
     rows = evaluate(tiny, emb.token, emb.vectors, "style", n=16, seed=1000)
     learned, initial, _edited = rows.values()
-    # measured: 94% vs 0% (64 samples: 64% vs 0%)
+    # measured: 9/16 vs 0/16 (64 samples: 66% vs 0%)
     assert share(learned, style=STYLE) >= 0.4, rows
     assert share(initial, style=STYLE) <= 0.2, rows

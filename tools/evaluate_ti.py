@@ -1,6 +1,6 @@
 """Known-answer evaluation of a Textual Inversion embedding on the toy-world `tiny` model.
 
-    python tools/evaluate_ti.py --ti_ckpt_path output/tiny/weights/SDvtiny_textual_inversion_100_ti.ckpt
+    python tools/evaluate_ti.py --ti_ckpt_path output/tiny/weights/SDvtiny_textual_inversion_300_ti.ckpt
     python tools/evaluate_ti.py --concept style --ti_ckpt_path output/tiny-style/weights/SDvtiny_textual_inversion_100_ti.ckpt
 
 Samples n images per prompt (DPM-Solver++, 20 steps), lets the pixel judge (data/toy_world.py) read

@@ -16,41 +16,37 @@ Stages, each checkpointed under --work so an interrupted run resumes:
      sharpens the autoencoder's decoder with its encoder frozen (--decoder-minutes),
   5. fp16 diffusers folder with the real CLIP tokenizer files.
 
-The defaults train a model from scratch in 48-54 min on 2 CPU cores (three timed runs, peak RSS 4.1 GB):
-image pools 0.4 min; VAE 8 min on 2 threads (1375-1500 steps); latents 1 min; then, side by side on one
-thread each, the text encoder probe (4 min) and UNet, and the decoder fine-tune (14 min); the UNet
-takes both threads once the decoder is done (6000 steps, 34-37 min in all).
+Each stage ends at its step count; the clock only caps it (--*-minutes) on a slow or busy machine.
+The defaults train a model from scratch in 41 min on 2 CPU cores: image pools 0.3 min; VAE 7 min on 2
+threads (1500 steps); latents 1 min; then, side by side on one thread each, the text encoder probe
+(800 steps, 2 min) and UNet, and the decoder fine-tune (1200 steps, 15 min); the UNet takes both
+threads once the decoder is done (7000 steps, 31 min in all). models/tiny-sd is `--seed 1`.
 
-The full run before the caption change drew, by check_toy_model.py (shape / foreground / background): held-out
-triples 90% / 96% / 93% (72), trained triples 92% / 97% / 95% (37), purple stars 100% / 100% / 100%
-(21), with no background named 76% / 90% / 100%. It read "in" after a scene as outlined, from the
-world's then style phrase " in outline" (a third of the outlined captions): "a photo of a red circle
-in blue" gave 100% outlined shapes, and TI's style initializer "a painting in the style of drawing"
-88% (the shipped model, with the same captions: 0%). A rerun of its text encoder and UNet stages
-with 15% of the captions given one to three random vocabulary words (a trial, not kept) drew the same
-way. The captions now contain no "in" (toy_world.STYLE_PHRASES and FILL_PHRASES). Rerun on that
-run's autoencoder with them (text encoder and UNet stages, 39.5 min): held-out 90% / 97% / 96%,
-trained 95% / 100% / 97%, purple stars 100% / 86% / 95%, with no background 90% / 57% / 100%; "in"
-means nothing (0% outlined for the prompts above). TI with the shipped configs, 64 samples (the
-shipped model in brackets):
-  style, 100 steps: 55% outlined, initializer 2% (64%, 0%); the edited prompt "a yellow circle on a
-    blue background in the style of <my-style>" outlined yellow on blue 95% (0%). 300 steps: 61%.
-  object, 100 steps, TI seed 42 / 7: 84% / 78% purple stars (95%), initializer 0%; edited prompt
-    100% / 36% (98%). Seed 42 after 300 steps: 72%. At 32 samples: seed 1 84%; seeds 42 / 7 with
-    batch 8 59% / 19%, 2 vectors 78% / 84%, lr 2e-3 78% / 75%, lr 1e-2 66% / 78%.
-The failures are pale stars, judged white: the model's own background-less purple star has a purple
-foreground in 57%. A 13-min fine-tune of that UNet (--init, lr 3e-4, 2200 steps) gave 75% / 88%
-(seeds 42 / 7, 32 samples). So the recipe's style is now better than the shipped model's and its
-object worse; the shipped model stays. Earlier runs' TI scattered by about 20 points between runs
-and between 16-sample evaluations: judge a candidate with 64 samples and more than one TI seed.
-The example set keeps its one image on yellow, the edited prompt's background: without it (purple
-stars on red, green, blue, orange, white, black, green, orange), TI on the shipped model drew 9%
-purple stars (64 samples; 95% with the shipped set).
-A from-scratch run with the new captions (53.7 min) learnt shapes poorly: held-out 62% / 97% / 100%,
-purple stars 29% / 100% / 100%, object TI 0% / 2% (seeds 42 / 7), style 14% vs 0%. The recipe's shape
-learning varies between runs (90% and 62% held-out shapes); what makes a run good is not known yet.
+Two runs, check_toy_model.py (shape / foreground / background; 72, 37, 21 and 21 samples), then TI with
+the shipped configs judged by evaluate_ti on 64 samples (TI seeds 42 / 7):
+  --seed 1 (41.4 min): held-out triples 96 / 100 / 100, trained 100 / 97 / 95, purple stars
+    100 / 100 / 100, with no background 100 / 100 / 100. Object after 100 steps: 16% / 34% purple
+    stars (the stars came in other colours); after 300: 89% / 89%, initializer 2%, edited prompt
+    100% / 72%. Style, 100 steps: 66% outlined vs 0%, edited prompt 98% outlined (2% yellow on blue).
+  --seed 0 (45.2 min, with --probe-steps 1500 --decoder-steps 1600): held-out 100 / 99 / 100, trained
+    97 / 89 / 92, purple stars 95 / 95 / 95, with no background 62 / 95 / 86. Object after 100 steps:
+    81% / 75%, edited prompt 0% / 2% (stars in blue and green on yellow); after 300: 89% / 89%, edited
+    5% / 42%; with --num_vectors 2, 100 steps: 78% / 81%, edited 100% / 100%. Style: 34% vs 0%.
+So both runs render the world; one-vector TI stays editable on one of them. Its autoencoder's
+reconstructions of outlined images were judged right in 59% / 68% (seed 0 / 1), 76% / 87% after the
+decoder fine-tune (held-out filled images: 99-100%).
 
-The shipped models/tiny-sd is older than the probe text encoder: it was trained in four legs with
+This recipe differs from the one before in UNet heads of width 32 (1, 2, 4 heads; before: 4 heads, of
+width 8 at the top level, 25% slower per step), 7000 UNet steps (6000), and step counts instead of the
+clock ending the VAE and decoder stages. The one before learnt shapes in one run and not in another:
+held-out shapes 90% and 62% (a from-scratch run, 53.7 min, object TI 0%); on the first one's
+autoencoder, with the captions' "in" removed, 90% / 97% / 96%, object TI 84% / 78% (edited 100% /
+36%), style 55% vs 2%. An earlier run, trained on the style phrase " in outline", read any "in" after
+a scene as outlined: TI's style initializer "a painting in the style of drawing" drew 88% outlines,
+hence toy_world.STYLE_PHRASES and FILL_PHRASES. TI's scatter between runs and between 16-sample
+evaluations is about 20 points: judge a candidate with 64 samples and more than one TI seed.
+
+The earlier shipped model predates the probe text encoder: it was trained in four legs with
 --text-encoder joint --loss-weight x0, the recipe growing between them: steps 1-4788 on the base
 pool alone without offset noise; resumed with offset noise and the style pool to --unet-steps 9500;
 resumed with the filled-caption tails (toy_world.FILL_PHRASES) to --unet-steps 11500 --lr 3e-3. The
@@ -66,7 +62,7 @@ of shapes right). The latents were not the cause (decoding real latents with noi
 likely outlines whose average is a round blob. Upright, the same UNet went to 81% held-out shapes
 within 7400 fine-tuning steps.
 
-From scratch on the upright world, with the shipped model's autoencoder: held-out shapes /
+From scratch on the upright world, with the earlier model's autoencoder: held-out shapes /
 foregrounds / backgrounds (check_toy_model.py, 72 samples, 48 in the first row), batch 32, decoded by
 the autoencoder before its decoder fine-tune unless said:
   joint, x0, lr 1e-3, 3000 steps, 17 min on 2 threads:                  19% / 88% / 92%
@@ -83,9 +79,9 @@ the autoencoder before its decoder fine-tune unless said:
     lr 1e-3 / 2e-3 / 3e-3 / 4e-3:                36% / 68% / 38% / 57% shapes, 79-81% fg, 89-94% bg
 The joint runs' UNets did not read the shape word: swapping it for another shape in a training
 caption raised the 9750-step EMA UNet's eps error at t = 100 / 300 / 500 by 4 / 6 / 10% (swapping
-the foreground colour: 147 / 157 / 167%; the shipped model, shape: 115 / 182 / 179%). Their text
+the foreground colour: 147 / 157 / 167%; the earlier model, shape: 115 / 182 / 179%). Their text
 encoder carried that word no more strongly than at random init: changing it moved the context by
-0.10 of its norm (the background word: 0.82; in the shipped encoder 0.42 and 0.68). A text encoder
+0.10 of its norm (the background word: 0.82; in the earlier model's encoder 0.42 and 0.68). A text encoder
 frozen at random init, or joint with min-snr, left the shape gap at +1% after 3000 steps. The probe
 encoder (0.69 for the shape word, 3 min) let the UNet read it: +8-10% at 2600 steps, +37-51% at
 5200 (the 4000-step run: +10-11% at its end, so shapes come late and need the whole 6000; half
@@ -97,7 +93,7 @@ autocast nor torch.compile made the step cheaper (batch 32, 2 threads, joint enc
 Why purple stars are in the base pool: held out, as they were until the model above, the recipe's
 models composed the unseen (purple, star) pair too weakly for TI. TI's prompt "a photo of <my-shape>"
 names no background. Asked for "a photo of a purple star" without one, such a model drew it right
-in 57% of 21 samples (the shipped model 76%), mostly on a purple or blue background. TI reached
+in 57% of 21 samples (the earlier model 76%), mostly on a purple or blue background. TI reached
 12% with 1 vector after 100 steps, 38% after 400 and 44-50% with 2-3 vectors after 400 steps. It drew
 94-100% purple stars where the prompt named a background. Three retrains did not make the pair firm
 (6000 steps each, the same autoencoder). Probe encoder with --loss-weight x0: held-out shapes 32%,
@@ -173,17 +169,24 @@ def make_text_encoder():
     return CLIPTextModel(cfg)
 
 
+HEAD_WIDTH = 32
+
+
 def make_unet(channels):
     from diffusers import UNet2DConditionModel
 
-    # attention_head_dim is diffusers' (SD1-legacy) name for the number of heads: CompVis num_heads=4.
+    # attention_head_dim is diffusers' (SD1-legacy) name for the number of heads per level; heads of a
+    # constant width are CompVis' num_head_channels (SD2: 64). On 2 CPU threads a step of batch 32
+    # takes 0.21 s with 32-wide heads, 0.28 s with 4 heads of 8 at the top level (attention kernels
+    # are slow on narrow heads).
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=4, use_linear_projection=False, norm_num_groups=32)
+        attention_head_dim=tuple(c // HEAD_WIDTH for c in channels), use_linear_projection=False,
+        norm_num_groups=32)
 
 
 def make_scheduler():
@@ -256,16 +259,17 @@ def load_vae(path):
     return AutoencoderKL.from_pretrained(path) if os.path.exists(os.path.join(path, "config.json")) else None
 
 
-def train_vae(work, images, steps, minutes, batch):
+def train_vae(work, images, steps, minutes, batch, seed):
     path = os.path.join(work, "vae")
     vae = load_vae(os.path.join(work, "vae_decoder_ft")) or load_vae(path)
     if vae is not None:
         return vae
+    torch.manual_seed(seed)
     vae = make_vae()
     log(f"VAE params {n_params(vae) / 1e6:.2f}M")
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     budget = Budget(steps, minutes)
-    g = np.random.default_rng(1)
+    g = np.random.default_rng((seed, 1))
     step = 0
     while budget.progress() < 1.0:
         step = budget.step = step + 1
@@ -292,7 +296,7 @@ def train_vae(work, images, steps, minutes, batch):
     return vae
 
 
-def finetune_decoder(work, images, minutes, batch):
+def finetune_decoder(work, images, steps, minutes, batch, seed):
     """More decoder training with the encoder frozen: the latents the UNet learned stay valid, only
     their decoding sharpens (what SD's ft-MSE VAE did). Runs in a second process beside the UNet stage."""
     vae = load_vae(os.path.join(work, "vae"))
@@ -303,8 +307,9 @@ def finetune_decoder(work, images, minutes, batch):
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
     # The frozen encoder's posteriors, once: per step it would cost as much as the decoder itself.
     mean, std = posteriors(vae, images)
-    budget = Budget(10 ** 9, minutes)
-    g = np.random.default_rng(5)
+    budget = Budget(steps, minutes)
+    g = np.random.default_rng((seed, 5))
+    torch.manual_seed(seed + 5)
     step = 0
     while budget.progress() < 1.0:
         step = budget.step = step + 1
@@ -385,7 +390,7 @@ def style_pool(work, vae, n):
     return lat, scenes
 
 
-def pretrain_text_encoder(work, te, tok, steps, batch=128, lr=1e-3):
+def pretrain_text_encoder(work, te, tok, steps, seed, batch=128, lr=1e-3):
     """Teach the text encoder, from captions alone, to state at every position after the caption what
     the caption says (shape, colours, style; linear probes), as SD gets a pretrained CLIP. Trained
     jointly with the UNet from random init, the encoder kept the shape word as faint as at init
@@ -397,7 +402,7 @@ def pretrain_text_encoder(work, te, tok, steps, batch=128, lr=1e-3):
     heads = torch.nn.ModuleList(torch.nn.Linear(TEXT_WIDTH, n) for n in
                                 (1 + len(tw.SHAPES), 1 + len(tw.COLORS), 1 + len(tw.COLORS), 1 + 2))
     opt = torch.optim.AdamW(list(te.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
-    rng = random.Random(11)
+    rng = random.Random(seed * 100 + 11)
     combos = tw.training_combos()  # held-out triples stay unseen, in text too
     budget = Budget(steps, float("inf"))
     for step in range(1, steps + 1):
@@ -422,13 +427,14 @@ def pretrain_text_encoder(work, te, tok, steps, batch=128, lr=1e-3):
 
 
 def train_unet(work, latents, scenes, scale, channels, steps, minutes, batch, lr, offset_noise, loss_weight,
-               init=None, text_encoder="joint", probe_steps=0, beside=None, threads=1):
+               seed, init=None, text_encoder="joint", probe_steps=0, beside=None, threads=1):
     """beside: the decoder fine-tune's process, running on the other core; once it is done this stage
     takes all `threads`."""
     tok = load_tokenizer()
+    torch.manual_seed(seed + 2)
     unet, te = make_unet(channels), make_text_encoder()
     if text_encoder == "probe":
-        pretrain_text_encoder(work, te, tok, probe_steps)
+        pretrain_text_encoder(work, te, tok, probe_steps, seed)
     frozen = text_encoder != "joint"
     log(f"UNet params {n_params(unet) / 1e6:.2f}M, text encoder {n_params(te) / 1e6:.2f}M")
     params = list(unet.parameters()) + list(te.parameters())
@@ -455,8 +461,9 @@ def train_unet(work, latents, scenes, scale, channels, steps, minutes, batch, lr
     noise_sched = make_scheduler()
     acp = noise_sched.alphas_cumprod
     lat = torch.from_numpy(latents) * scale
-    g = np.random.default_rng(2 + start)
-    rng = random.Random(3 + start)
+    g = np.random.default_rng((seed, 2 + start))
+    rng = random.Random(seed * 100 + 3 + start)
+    torch.manual_seed(seed * 100 + 4 + start)
     budget = Budget(steps, minutes, start, used)
     step = start
     while budget.progress() < 1.0:
@@ -480,7 +487,7 @@ def train_unet(work, latents, scenes, scale, channels, steps, minutes, batch, lr
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         ctx = te(ids).last_hidden_state
-        # Both weightings damp the easy low-noise steps like min-SNR-5. "x0" (the shipped model's)
+        # Both weightings damp the easy low-noise steps like min-SNR-5. "x0" (the earlier model's)
         # also lifts the noisy steps: eps error is tiny there (x_t is nearly the noise), yet that is
         # where layout and colours, i.e. what the text decides, are made, so they weigh like an x0
         # error (1/snr, capped at 20).
@@ -540,12 +547,15 @@ def main():
     ap.add_argument("--n-extra", type=int, default=1200)
     ap.add_argument("--n-latents", type=int, default=4000, help="base-pool images the UNet trains on")
     ap.add_argument("--n-style", type=int, default=1000, help="outlined-style images the UNet trains on")
-    ap.add_argument("--vae-steps", type=int, default=2000)
-    ap.add_argument("--vae-minutes", type=float, default=8.0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds every training stage (the image pools stay the same)")
+    # Each stage ends at its step count; the minutes only cap it on a slow or busy machine (then the
+    # run is no longer reproducible, as the learning-rate schedule follows the clock).
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-minutes", type=float, default=12.0)
     ap.add_argument("--vae-batch", type=int, default=8)
     ap.add_argument("--unet-channels", type=lambda s: tuple(int(c) for c in s.split(",")), default=(32, 64, 128),
                     help="block_out_channels of the UNet's three levels")
-    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--unet-steps", type=int, default=7000)
     ap.add_argument("--unet-minutes", type=float, default=45.0)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -557,10 +567,11 @@ def main():
     ap.add_argument("--text-encoder", choices=("joint", "frozen", "probe"), default="probe",
                     help="joint: trained with the UNet from random init; frozen: left at random init; "
                     "probe: pretrained on captions alone (see pretrain_text_encoder), then frozen")
-    ap.add_argument("--probe-steps", type=int, default=1500)
-    ap.add_argument("--decoder-minutes", type=float, default=14.0,
+    ap.add_argument("--probe-steps", type=int, default=800)
+    ap.add_argument("--decoder-steps", type=int, default=1200,
                     help="decoder fine-tune (see finetune_decoder), run by a second process beside the text "
                     "encoder and UNet stages; 0 skips it")
+    ap.add_argument("--decoder-minutes", type=float, default=20.0)
     ap.add_argument("--decoder-only", action="store_true", help=argparse.SUPPRESS)
     # The stages before the UNet's run alone on --threads. Then the decoder fine-tune and the text
     # encoder + UNet stages run side by side on one thread each, as two one-thread processes get more
@@ -570,27 +581,28 @@ def main():
     a = ap.parse_args()
     t0 = time.time()
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
     os.makedirs(a.work, exist_ok=True)
     base, scenes, extra = image_pools(a.work, a.n_base, a.n_extra)
     if a.decoder_only:
-        finetune_decoder(a.work, np.concatenate([base, extra]), a.decoder_minutes, a.vae_batch)
+        finetune_decoder(a.work, np.concatenate([base, extra]), a.decoder_steps, a.decoder_minutes, a.vae_batch,
+                         a.seed)
         return
-    vae = train_vae(a.work, np.concatenate([base, extra]), a.vae_steps, a.vae_minutes, a.vae_batch)
+    vae = train_vae(a.work, np.concatenate([base, extra]), a.vae_steps, a.vae_minutes, a.vae_batch, a.seed)
     n = a.n_latents
     lat = encode_latents(a.work, vae, base[:n])
     scale = 1.0 / float(lat.std())
     style_lat, style_scenes = style_pool(a.work, vae, a.n_style)
     lat, scenes = np.concatenate([lat, style_lat]), scenes[:n] + style_scenes
     decoder = None
-    if a.decoder_minutes and load_vae(os.path.join(a.work, "vae_decoder_ft")) is None:
+    if a.decoder_steps and load_vae(os.path.join(a.work, "vae_decoder_ft")) is None:
         decoder = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--decoder-only", "--work", a.work,
-                                    "--decoder-minutes", str(a.decoder_minutes), "--vae-batch", str(a.vae_batch),
+                                    "--decoder-steps", str(a.decoder_steps), "--decoder-minutes",
+                                    str(a.decoder_minutes), "--vae-batch", str(a.vae_batch), "--seed", str(a.seed),
                                     "--threads", "1"])
         torch.set_num_threads(1)
     try:
         unet, te, tok = train_unet(a.work, lat, scenes, scale, a.unet_channels, a.unet_steps, a.unet_minutes,
-                                    a.unet_batch, a.lr, a.offset_noise, a.loss_weight, a.init,
+                                    a.unet_batch, a.lr, a.offset_noise, a.loss_weight, a.seed, a.init,
                                     a.text_encoder, a.probe_steps, decoder, a.threads)
         if decoder is not None and decoder.wait() != 0:
             sys.exit(f"the decoder fine-tune failed (exit {decoder.returncode}); run the same command again to redo it")
