@@ -13,7 +13,7 @@ Stages, each checkpointed under --work so an interrupted run resumes:
   4. the CLIP-style text encoder, pretrained on captions alone and then frozen (--text-encoder probe),
      and the UNet2DConditionModel (eps prediction, SD scaled-linear schedule, offset noise, 10% empty
      captions for classifier-free guidance), EMA weights exported; beside this stage a second process
-     sharpens the autoencoder's decoder with its encoder frozen (--decoder-minutes),
+     sharpens the autoencoder's decoder with its encoder frozen (--decoder-steps),
   5. fp16 diffusers folder with the real CLIP tokenizer files.
 
 Each stage ends at its step count; the clock only caps it (--*-minutes) on a slow or busy machine.
