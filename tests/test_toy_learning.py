@@ -20,6 +20,7 @@ import train_textual_inversion as T
 from data.toy_world import PURPLE_STAR, STYLE
 from ldm.embeddings import load_embedding
 from ldm.pipeline import StableDiffusion
+from ldm.train_config import load_yaml
 from tools.evaluate_ti import evaluate, share
 
 
@@ -29,15 +30,16 @@ def tiny():
     return StableDiffusion.load("tiny")
 
 
-def _train(yaml, out, steps):
+def _train(yaml, out):
     assert T.main(["--train_config", yaml, "--output_path", str(out), "--validation_prompt", "none"]) == 0
+    steps = load_yaml(yaml)["max_steps"]
     emb = load_embedding(os.path.join(out, "weights", f"SDvtiny_textual_inversion_{steps}_ti.ckpt"))
     assert emb.vectors.shape == (1, 64)
     return emb
 
 
 def test_textual_inversion_learns_the_object(tmp_path, tiny):
-    emb = _train("configs/train/train_config_textual_inversion_tiny.yaml", tmp_path, 300)
+    emb = _train("configs/train/train_config_textual_inversion_tiny.yaml", tmp_path)
     assert emb.token == "<my-shape>"
     rows = evaluate(tiny, emb.token, emb.vectors, "object", n=16, seed=1000)
     learned, initial, edited = rows.values()
@@ -50,7 +52,7 @@ def test_textual_inversion_learns_the_object(tmp_path, tiny):
 
 
 def test_textual_inversion_learns_the_style(tmp_path, tiny):
-    emb = _train("configs/train/train_config_textual_inversion_tiny_style.yaml", tmp_path, 100)
+    emb = _train("configs/train/train_config_textual_inversion_tiny_style.yaml", tmp_path)
     assert emb.token == "<my-style>"
     rows = evaluate(tiny, emb.token, emb.vectors, "style", n=16, seed=1000)
     learned, initial, _edited = rows.values()
