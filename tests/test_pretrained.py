@@ -1,3 +1,4 @@
+import json
 import os
 from dataclasses import asdict
 
@@ -24,8 +25,40 @@ def test_offline_error_is_one_line_naming_the_file(offline):
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"SD 1.5 weights not found: put v1-5-pruned-emaonly.safetensors in {models}/")
-    assert "--ckpt_path" in message and "huggingface.co/runwayml/stable-diffusion-v1-5" in message
+    assert "--ckpt_path" in message
+    assert ("download of v1-5-pruned-emaonly.safetensors from huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5"
+            " or huggingface.co/runwayml/stable-diffusion-v1-5 failed") in message
     assert "HF_HUB_OFFLINE" in message
+
+
+def test_download_falls_back_to_an_older_repo(monkeypatch, tmp_path):
+    # a cache holding the file under the repo it used to live in still serves it
+    calls = []
+
+    def fake_download(repo_id, filename, cache_dir=None):
+        calls.append(repo_id)
+        if repo_id != "runwayml/stable-diffusion-v1-5":
+            raise OSError("not in the cache")
+        return str(tmp_path / filename)
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    path = pretrained.resolve_weights("1.5", models_dir=str(tmp_path / "models"))
+    assert path == str(tmp_path / "v1-5-pruned-emaonly.safetensors")
+    assert calls == ["stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"]
+
+
+def test_version_table_names_repos_and_files_that_exist():
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "hub_repos.json")) as f:
+        recorded = json.load(f)["repos"]
+    for v in pretrained.VERSIONS.values():
+        if not v.hub_repos:
+            continue
+        first = recorded[v.hub_repos[0]]
+        assert first["exists"], f"{v.name}: the first repo tried, {v.hub_repos[0]}, no longer exists"
+        assert v.hub_filename in first["files"], f"{v.name}: {v.hub_repos[0]} has no {v.hub_filename}"
+        # every repo is a known one (an existing copy, or a removed repo whose cached copy may still be used)
+        assert all(repo in recorded for repo in v.hub_repos), v.hub_repos
 
 
 @pytest.mark.parametrize(
