@@ -1,4 +1,4 @@
-"""Textual Inversion embedding files: read every common format, write ours and the two portable ones.
+"""Textual Inversion embedding files: read every common format, write ours, the two portable ones and A1111 cards.
 
 Formats (recognised by content, not by file name):
 
@@ -7,26 +7,43 @@ Formats (recognised by content, not by file name):
   (int); ours also stores `version` and `embedding_dim`.
 - `diffusers`: `learned_embeds.safetensors` / `.bin`, `{token: [n, dim] or [dim]}`.
 - `a1111`: A1111's `.pt` (`string_to_param["*"]`) and A1111/kohya `.safetensors` (`emb_params`).
-  A1111 names an embedding after its file, so the token is the file's stem.
+  A1111 names an embedding after its file, so the token is the file's stem (the `name` inside a .pt is
+  ignored, as A1111 ignores it).
+- `a1111_card`: A1111's embedding card, a PNG preview image carrying the `.pt`'s dict as base64 JSON in an
+  `sd-ti-embedding` text chunk and, again, zlib-compressed in two pixel stripes beside the image (so a card
+  whose text chunk was stripped still loads). The token is the card's `name`, as in A1111.
 
-Vectors are returned as float32 `[n, dim]`; `token` can always be overridden by the caller.
+A name that is not a file but reads `owner/name` is a hub concept repo (sd-concepts-library style:
+`learned_embeds.safetensors` or `.bin`, the token in `token_identifier.txt`), fetched through the Hugging
+Face cache. Vectors are returned as float32 `[n, dim]`; `token` can always be overridden by the caller.
 """
 
+import base64
+import json
 import logging
 import os
+import re
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from ldm.checkpoint_io import CheckpointError, atomic_write, load_state_dict, load_torch_pickle, save_safetensors
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("ti_ckpt", "diffusers", "a1111")
+FORMATS = ("ti_ckpt", "diffusers", "a1111", "a1111_card")
 # mindone's text encoder parameter names: OpenAI CLIP (SD 1.x) and OpenCLIP (SD 2.x)
 SD1_PARAM = "cond_stage_model.transformer.embedding_table"
 SD2_PARAM = "cond_stage_model.model.token_embedding.embedding_table"
 _DIM_FAMILY = {768: "SD 1.x", 1024: "SD 2.x"}
+CARD_KEY = "sd-ti-embedding"
+# a card's JSON is ~20 bytes a value (75 vectors of 1024 make 1.5 MB): the cap only stops a zlib bomb
+_MAX_CARD_JSON = 64 << 20
+CONCEPT_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
+# a missing path with one of these endings is a mistyped file, not a hub repo id
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".png", ".webp")
 
 
 class EmbeddingError(CheckpointError):
@@ -106,13 +123,128 @@ def _read_ti_ckpt(path):
     return Embedding(token if isinstance(token, str) and token else _stem(path), vectors, "ti_ckpt")
 
 
+# --- A1111 embedding cards ---------------------------------------------------------------------------
+# The pixel stripes hold the zlib-compressed JSON, its low nibbles left of the image and its high nibbles
+# right of it, one black column apart, row-major with 3 nibbles a pixel. Each nibble sits in the low 4 bits
+# of its channel, XOR-ed with A1111's LCG stream; the high 4 bits draw a pattern of dots. A1111's reader
+# crops the black border and splits at the outermost columns whose low nibbles are all zero; so does ours.
+
+def _lcg_nibbles(n):
+    """A1111's XOR mask: the low 4 bits of an LCG (Numerical Recipes constants, seed 0) taken mod 255."""
+    out = np.empty(n, np.uint8)
+    state = 0
+    for i in range(n):
+        state = (1664525 * state + 1013904223) & 0xFFFFFFFF
+        out[i] = (state % 255) & 0x0F
+    return out
+
+
+def _pixel_payload(image):
+    """The compressed bytes in a card's pixel stripes, or None when the image has no stripes."""
+    pixels = np.asarray(image.convert("RGB"))
+    lit = (pixels > 0).all(axis=2)
+    rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
+    if not len(cols):
+        return None
+    low = pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] & 0x0F
+    gaps = np.flatnonzero(low.sum(axis=(0, 2)) == 0)
+    if len(gaps) < 2:
+        return None
+    low_nibbles, high_nibbles = low[:, :gaps[0]], low[:, gaps[-1] + 1:]
+    if not low_nibbles.size or low_nibbles.shape != high_nibbles.shape:
+        return None
+    mask = _lcg_nibbles(low_nibbles.size).reshape(low_nibbles.shape)
+    return (((high_nibbles ^ mask) << 4) | (low_nibbles ^ mask)).tobytes()
+
+
+def _inflate(payload, path):
+    """The card's JSON from its pixel payload; None when the bytes are not a zlib stream (a plain image)."""
+    stream = zlib.decompressobj()
+    try:
+        text = stream.decompress(payload, _MAX_CARD_JSON)
+    except zlib.error:
+        return None
+    if not stream.eof:
+        raise EmbeddingError(f"{path}: the embedding in the image's pixels is cut short or over 64 MB")
+    return text
+
+
+def _tensor_from_json(obj):
+    # A1111's EmbeddingEncoder writes each tensor as {"TORCHTENSOR": nested lists}
+    return np.asarray(obj["TORCHTENSOR"], dtype=np.float64) if "TORCHTENSOR" in obj else obj
+
+
+def _read_card(path):
+    """An A1111 card: the text chunk if present, else the pixel stripes (A1111's order)."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(CARD_KEY)  # only PNG has text chunks
+            payload = _pixel_payload(image) if text is None else None
+    except (OSError, ValueError) as err:  # PIL raises UnidentifiedImageError (an OSError) or ValueError
+        raise EmbeddingError(f"{path}: unreadable image ({err})") from None
+    if text is None:
+        text = _inflate(payload, path) if payload else None
+        if text is None:
+            raise EmbeddingError(f"{path} is an image without an embedding (no {CARD_KEY} text chunk, no data "
+                                 "in its pixels)")
+    else:
+        text = base64.b64decode(text)
+    try:
+        data = json.loads(text, object_hook=_tensor_from_json)
+    except ValueError as err:
+        raise EmbeddingError(f"{path}: damaged embedding data in the card ({err})") from None
+    embedding = _from_mapping(data, path)
+    name = data.get("name")
+    if isinstance(name, str) and name:
+        embedding.token = name
+    embedding.source_format = "a1111_card"
+    return embedding
+
+
+# --- hub concept repos --------------------------------------------------------------------------------
+
+def _is_repo_id(name):
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.lower().endswith(_FILE_SUFFIXES)
+
+
+def _download_concept(repo):
+    """(path, token) of a hub concept repo's embedding, through the Hugging Face cache; token may be None."""
+    from huggingface_hub import hf_hub_download
+
+    from ldm.pretrained import _download_failure
+
+    errors = []
+    for filename in CONCEPT_FILES:
+        try:
+            path = hf_hub_download(repo_id=repo, filename=filename)
+            break
+        except Exception as err:  # noqa: BLE001 - a missing file, no network or offline mode: try the next one
+            errors.append(err)
+    else:
+        raise EmbeddingError(
+            f"{repo} is not a file, and its {' or '.join(CONCEPT_FILES)} could not be had from "
+            f"huggingface.co/{repo} ({_download_failure(errors[-1])}); download the file and pass its path"
+        ) from errors[-1]
+    logger.info("embedding %s: %s", repo, path)
+    try:
+        with open(hf_hub_download(repo_id=repo, filename="token_identifier.txt"), encoding="utf-8") as f:
+            return path, f.read().strip() or None
+    except Exception:  # noqa: BLE001 - the file is optional: the token stored with the vectors serves
+        return path, None
+
+
 def load_embedding(path, token=None):
-    """Read a TI embedding file of any supported format; `token` overrides the file's own name."""
+    """Read a TI embedding of any supported format, or a hub concept repo's; `token` overrides its own name."""
+    repo_token = None
     if not os.path.isfile(path):
-        raise EmbeddingError(f"embedding file {path} does not exist")
+        if os.path.exists(path) or not _is_repo_id(path):
+            raise EmbeddingError(f"embedding file {path} does not exist")
+        path, repo_token = _download_concept(path)
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"PK\x03\x04":
+        head = f.read(12)
+    if head[:4] == b"\x89PNG" or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        embedding = _read_card(path)
+    elif head[:4] == b"PK\x03\x04":
         embedding = _from_mapping(load_torch_pickle(path), path)
     elif head[:1] == b"\x0a":
         # a MindSpore checkpoint is a protobuf whose first field (tag 1, length-delimited) is a parameter
@@ -120,8 +252,7 @@ def load_embedding(path, token=None):
     else:
         # safetensors; anything else gets checkpoint_io's one-line "not a checkpoint" error
         embedding = _from_mapping(load_state_dict(path), path)
-    if token:
-        embedding.token = token
+    embedding.token = token or repo_token or embedding.token
     return embedding
 
 
@@ -180,3 +311,92 @@ def save_a1111_safetensors(path, token, vectors):
         logger.warning("A1111 will call the embedding in %s %r, not %r (it names embeddings after their file)",
                        path, _stem(path), token)
     _save_safetensors(path, {"emb_params": _as_vectors(vectors, path, "vectors")})
+
+
+def _card_json(token, vectors, step, checkpoint_name):
+    """What A1111's trainer puts in a card: its .pt's dict (265 is CLIP's id of "*"; A1111 never reads it)."""
+    data = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": {"TORCHTENSOR": vectors.tolist()}},
+        "name": token,
+        "step": step,
+        "sd_checkpoint": None,  # A1111's short hash of the model file: not computed for a multi-GB file
+        "sd_checkpoint_name": checkpoint_name,
+    }
+    return json.dumps(data).encode()
+
+
+def _dots(width, height, shades):
+    """The high bits of a pixel stripe: A1111's staggered grid of 7 px dots, shaded in turn by `shades`."""
+    canvas = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(canvas)
+    i = 0
+    for x in range(-6, width, 8):
+        for row, y in enumerate(range(-6, height, 8)):
+            shift = 4 if row % 2 == 0 else 0
+            draw.ellipse((x + shift, y, x + shift + 6, y + 6), fill=(int(shades[i % len(shades)]),) * 3)
+            i += 1
+    return np.asarray(canvas) & 0xF0
+
+
+def _add_stripes(image, payload, first_vector):
+    """`image` with the payload's low nibbles in a stripe on its left and its high nibbles on its right."""
+    height = image.shape[0]
+    # A1111's padding to whole columns, quirk included: a length already a multiple grows by a step
+    size = len(payload) + height - len(payload) % height
+    size += 3 * height - size % (3 * height)
+    nibbles = np.frombuffer(payload, np.uint8)
+    mask = _lcg_nibbles(size).reshape(height, -1, 3)
+    magnitude = np.abs(first_vector[:1024].astype(np.float64))
+    shades = (magnitude / (magnitude.max() or 1.0) * 255).astype(np.uint8)
+    stripes = []
+    for part, order in ((nibbles & 0x0F, 1), (nibbles >> 4, -1)):
+        # np.resize repeats the payload to fill the stripe, as A1111 does
+        block = np.resize(part, size).reshape(height, -1, 3)
+        stripes.append(block ^ _dots(block.shape[1], height, shades[::order]) ^ mask)
+    gap = np.zeros((height, 1, 3), np.uint8)
+    return np.concatenate([stripes[0], gap, image, gap, stripes[1]], axis=1)
+
+
+def _font_size(draw, text, width):
+    """A1111's caption sizing: the size (at most 72) at which `text` spans `width` pixels."""
+    length = draw.textlength(text, font=ImageFont.load_default(32))
+    return min(72, int(32 * width / length)) if length else 72
+
+
+def _caption(image, title, footer_left, footer_right):
+    """A1111's card look: the image darkened towards its top and bottom edges, the title above, details below."""
+    height, width = image.shape[:2]
+    y = np.arange(height) / height
+    shade = np.minimum(np.maximum(1 - np.cos(1.5 * y), 1 - np.cos(1.65 * (1 - y))), 1.0)
+    card = Image.fromarray((image * (1 - shade[:, None, None])).round().astype(np.uint8))
+    draw = ImageDraw.Draw(card)
+    pad, white = 10, (255, 255, 255)
+    # text below 8 px is unreadable: small previews (the tiny model's) go without it
+    size = _font_size(draw, title, 0.75 * width - 4 * pad)
+    if size >= 8:
+        draw.text((pad, pad), title, anchor="lt", font=ImageFont.load_default(size), fill=white)
+    size = min(_font_size(draw, text, width / 3 - pad) for text in (footer_left or " ", footer_right))
+    if size >= 8:
+        font = ImageFont.load_default(size)
+        draw.text((pad, height - pad), footer_left, anchor="ls", font=font, fill=white)
+        draw.text((width - pad, height - pad), footer_right, anchor="rs", font=font, fill=white)
+    return np.asarray(card)
+
+
+def save_png_card(path, image, token, vectors, step, checkpoint_name):
+    """Write an A1111 embedding card of `image` (uint8 `[H, W, 3]`): captioned, with the embedding in an
+    `sd-ti-embedding` text chunk and in pixel stripes, as A1111's trainer writes it. A1111 loads it under
+    the name `token`; so does load_embedding. `step` and `checkpoint_name` (the model file) may be None."""
+    vectors = _as_vectors(vectors, path, "vectors")
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise EmbeddingError(f"{path}: a card's image must be uint8 [H, W, 3], not {image.dtype} {image.shape}")
+    text = _card_json(token, vectors, step, checkpoint_name)
+    title = token if token.startswith("<") else f"<{token}>"
+    footer = f"{len(vectors)}v" if step is None else f"{len(vectors)}v {step}s"
+    card = _add_stripes(_caption(image, title, checkpoint_name or "", footer), zlib.compress(text, 9), vectors[0])
+    info = PngImagePlugin.PngInfo()
+    info.add_text(CARD_KEY, base64.b64encode(text))
+    with atomic_write(path) as tmp:
+        Image.fromarray(card).save(tmp, format="PNG", pnginfo=info)

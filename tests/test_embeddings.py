@@ -1,10 +1,16 @@
+import base64
 import importlib.util
 import itertools
+import json
 import os
 
+import huggingface_hub
 import mindspore as ms
 import numpy as np
 import pytest
+from huggingface_hub import constants
+from huggingface_hub.errors import EntryNotFoundError
+from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from ldm import embeddings as emb
@@ -94,6 +100,8 @@ _WRITERS = {
     "diffusers": ("learned_embeds.safetensors", emb.save_diffusers),
     # A1111 takes the token from the file name
     "a1111": ("cat-toy.safetensors", emb.save_a1111_safetensors),
+    # A1111 takes the token from the card's name
+    "a1111_card": ("cat.png", lambda p, t, v: emb.save_png_card(p, np.zeros((64, 64, 3), np.uint8), t, v, 1, None)),
 }
 
 
@@ -187,3 +195,153 @@ def test_inconsistent_ti_ckpt_is_refused(tmp_path):
     )
     with pytest.raises(emb.EmbeddingError, match="num_vectors is 3 but .*embedding_table has 2 rows"):
         emb.load_embedding(path)
+
+
+# --- files from the wild, made by each tool's own code (tools/make_embedding_fixtures.py) --------------
+
+def test_sd_concepts_bin_holds_one_768_vector(expected):
+    e = emb.load_embedding(os.path.join(FIXTURES, "cat-toy", "learned_embeds.bin"))
+    assert (e.token, e.source_format, e.vectors.shape) == ("<cat-toy>", "diffusers", (1, 768))
+    np.testing.assert_array_equal(e.vectors[0], expected["sd_concepts"])
+
+
+def test_a1111_fp16_pt_ignores_its_name_field_as_a1111_does(expected):
+    # the file's `name` is "my-style-1500"; A1111 registers a .pt under its file's stem
+    e = emb.load_embedding(os.path.join(FIXTURES, "a1111-fp16.pt"))
+    assert (e.token, e.source_format, e.vectors.dtype) == ("a1111-fp16", "a1111", np.float32)
+    np.testing.assert_array_equal(e.vectors, expected["a1111_fp16"].astype(np.float32))
+
+
+def test_kohya_safetensors_with_1d_emb_params(expected):
+    e = emb.load_embedding(os.path.join(FIXTURES, "kohya-1d.safetensors"))
+    assert (e.token, e.source_format, e.vectors.shape) == ("kohya-1d", "a1111", (1, 768))
+    np.testing.assert_array_equal(e.vectors[0], expected["kohya_1d"].astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["a1111-card.png", "a1111-card-pixels-only.png"])
+def test_a1111_card_from_text_chunk_or_pixels(expected, name):
+    # A1111 registers a card under the `name` inside it, not the file's stem
+    e = emb.load_embedding(os.path.join(FIXTURES, name))
+    assert (e.token, e.source_format) == ("tiny-card-500", "a1111_card")
+    np.testing.assert_array_equal(e.vectors, expected["card"])
+
+
+def _stripes(pixels, image_width):
+    width = (pixels.shape[1] - image_width - 2) // 2
+    return pixels[:, :width], pixels[:, -width:]
+
+
+def test_our_card_carries_a1111s_bytes(tmp_path, expected):
+    """Same embedding, same image height: the text chunk and the two data stripes equal A1111's to the byte."""
+    reference = Image.open(os.path.join(FIXTURES, "a1111-card.png"))
+    path = str(tmp_path / "card.png")
+    # the preview itself may differ (our caption is drawn with Pillow's font): only the data must match
+    emb.save_png_card(path, np.full((64, 64, 3), 90, np.uint8), "tiny-card-500", expected["card"], 500, "tiny-sd1")
+    ours = Image.open(path)
+    assert ours.size == reference.size
+    assert ours.text[emb.CARD_KEY] == reference.text[emb.CARD_KEY]
+    for mine, theirs in zip(_stripes(np.asarray(ours), 64), _stripes(np.asarray(reference), 64)):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_trainer_sized_card_reads_back_without_its_text_chunk(tmp_path):
+    vectors = _vectors(3, 768)
+    image = np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    path = tmp_path / "SDv1.5_textual_inversion_300_ti.png"
+    emb.save_png_card(str(path), image, "<cat-toy>", vectors, 300, "v1-5-pruned-emaonly.safetensors")
+    # the text chunk as A1111 reads it: base64 JSON of the .pt's dict, tensors as TORCHTENSOR lists
+    card = Image.open(path)
+    data = json.loads(base64.b64decode(card.text[emb.CARD_KEY]))
+    assert (data["name"], data["step"]) == ("<cat-toy>", 300)
+    assert data["sd_checkpoint_name"] == "v1-5-pruned-emaonly.safetensors"
+    assert data["string_to_token"] == {"*": 265}
+    np.testing.assert_array_equal(np.float32(data["string_to_param"]["*"]["TORCHTENSOR"]), vectors)
+    assert card.size == (128 + 2 * _stripe_width(card), 128)
+    # an image host strips the text chunk: the pixels still hold the embedding
+    card.save(tmp_path / "stripped.png")
+    assert "sd-ti-embedding" not in Image.open(tmp_path / "stripped.png").text
+    e = emb.load_embedding(str(tmp_path / "stripped.png"))
+    assert (e.token, e.source_format) == ("<cat-toy>", "a1111_card")
+    assert e.vectors.tobytes() == vectors.tobytes()
+
+
+def _stripe_width(card):
+    gaps = np.flatnonzero((np.asarray(card) & 0x0F).sum(axis=(0, 2)) == 0)
+    return gaps[0] + 1
+
+
+def test_plain_image_is_not_an_embedding(tmp_path):
+    path = str(tmp_path / "photo.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    with pytest.raises(emb.EmbeddingError, match=r"photo.png is an image without an embedding"):
+        emb.load_embedding(path)
+
+
+# --- hub concept repos -----------------------------------------------------------------------------------
+
+def _fake_hub(monkeypatch, files):
+    """hf_hub_download answering from `files` ({filename: local path}); other files are missing on the hub."""
+    calls = []
+
+    def download(repo_id, filename, **_):
+        calls.append((repo_id, filename))
+        if filename not in files:
+            raise EntryNotFoundError(f"404: {filename} not in {repo_id}")
+        return files[filename]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return calls
+
+
+def test_concept_repo_id_loads_through_the_hub_cache(monkeypatch, tmp_path, expected):
+    concept = os.path.join(FIXTURES, "cat-toy")
+    calls = _fake_hub(monkeypatch, {"learned_embeds.bin": os.path.join(concept, "learned_embeds.bin"),
+                                    "token_identifier.txt": os.path.join(concept, "token_identifier.txt")})
+    e = emb.load_embedding("sd-concepts-library/cat-toy")
+    assert (e.token, e.vectors.shape) == ("<cat-toy>", (1, 768))
+    np.testing.assert_array_equal(e.vectors[0], expected["sd_concepts"])
+    assert calls == [("sd-concepts-library/cat-toy", name)
+                     for name in ("learned_embeds.safetensors", "learned_embeds.bin", "token_identifier.txt")]
+    # token_identifier.txt names the token over the file's own key; an explicit token wins over both
+    (tmp_path / "token_identifier.txt").write_text("<other>\n")
+    _fake_hub(monkeypatch, {"learned_embeds.bin": os.path.join(concept, "learned_embeds.bin"),
+                            "token_identifier.txt": str(tmp_path / "token_identifier.txt")})
+    assert emb.load_embedding("sd-concepts-library/cat-toy").token == "<other>"
+    assert emb.load_embedding("sd-concepts-library/cat-toy", token="<mine>").token == "<mine>"
+    # without token_identifier.txt (a diffusers-trained repo), the token stored with the vectors
+    _fake_hub(monkeypatch, {"learned_embeds.safetensors": os.path.join(concept, "learned_embeds.bin")})
+    assert emb.load_embedding("someone/concept").token == "<cat-toy>"
+
+
+def test_concept_repo_offline_is_one_line_naming_repo_file_and_fix(monkeypatch, tmp_path):
+    # the hub reads HF_HUB_OFFLINE once at import, so the constant is patched as well as the variable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(emb.EmbeddingError) as info:
+        emb.load_embedding("sd-concepts-library/cat-toy")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("sd-concepts-library/cat-toy is not a file, and its learned_embeds.safetensors or "
+                              "learned_embeds.bin could not be had from huggingface.co/sd-concepts-library/cat-toy")
+    assert "HF_HUB_OFFLINE" in message and message.endswith("download the file and pass its path")
+
+
+def test_missing_file_paths_are_not_taken_for_repo_ids(monkeypatch, tmp_path):
+    calls = _fake_hub(monkeypatch, {})
+    for path in ("weights/cat_ti.ckpt", "out/learned_embeds.bin", str(tmp_path / "x" / "y"), "a/b/c"):
+        with pytest.raises(emb.EmbeddingError, match="does not exist"):
+            emb.load_embedding(path)
+    assert calls == []
+
+
+def test_converter_writes_a_card_around_a_given_image(tmp_path):
+    preview = tmp_path / "preview.png"
+    Image.fromarray(np.full((96, 80, 3), 200, np.uint8)).save(preview)
+    src = os.path.join(FIXTURES, "learned_embeds.bin")
+    dst = str(tmp_path / "card.png")
+    assert convert_embedding.main([src, dst, "--to", "a1111_card", "--image", str(preview)]) == 0
+    card = Image.open(dst)
+    assert card.height == 96 and card.width == 80 + 2 * _stripe_width(card)
+    e = emb.load_embedding(dst)
+    assert (e.token, e.num_vectors) == ("<fixture-bin>", 3)

@@ -1,16 +1,21 @@
-"""Convert a Textual Inversion embedding between ours/mindone `_ti.ckpt`, diffusers and A1111/kohya files.
+"""Convert a Textual Inversion embedding between ours/mindone `_ti.ckpt`, diffusers, A1111/kohya files and A1111 cards.
 
     python tools/convert_embedding.py learned_embeds.safetensors cat_toy_ti.ckpt --to ti_ckpt --version 1.5
     python tools/convert_embedding.py cat_toy_ti.ckpt learned_embeds.safetensors --to diffusers
     python tools/convert_embedding.py cat_toy_ti.ckpt cat-toy.safetensors --to a1111
+    python tools/convert_embedding.py cat_toy_ti.ckpt cat-toy.png --to a1111_card --image preview.png
 
-Any supported format is read (A1111 `.pt` and diffusers `.bin` included); the output is written
-atomically and an existing file is only replaced with --overwrite.
+Any supported format is read (A1111 `.pt`, A1111 PNG cards, diffusers `.bin` and hub concept repo ids
+such as sd-concepts-library/cat-toy included); the output is written atomically and an existing file is
+only replaced with --overwrite.
 """
 
 import argparse
 import os
 import sys
+
+import numpy as np
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,6 +25,8 @@ from ldm.pretrained import VERSIONS  # noqa: E402
 # the text encoder width of each SD family, to catch a --version that does not fit the vectors
 _VERSION_DIM = {"1": 768, "2": 1024}
 _DEFAULT_VERSION = {768: "1.5", 1024: "2.1"}
+# a card's preview when no --image is given
+_PLAIN_PREVIEW = np.full((512, 512, 3), 128, np.uint8)
 
 
 def _version_for(embedding, version, src):
@@ -39,8 +46,16 @@ def _version_for(embedding, version, src):
     return version
 
 
-def convert(src, dst, to, token=None, version=None, overwrite=False):
-    """Convert `src` into `dst` in format `to`; returns the embedding that was written."""
+def _preview(image):
+    try:
+        with Image.open(image) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as err:
+        raise embeddings.EmbeddingError(f"--image {image}: not a readable image ({err})") from None
+
+
+def convert(src, dst, to, token=None, version=None, overwrite=False, image=None):
+    """Convert `src` into `dst` in format `to` (`image`: a card's preview file); returns what was written."""
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     embedding = embeddings.load_embedding(src, token=token)
@@ -50,6 +65,9 @@ def convert(src, dst, to, token=None, version=None, overwrite=False):
         embeddings.save_diffusers(dst, embedding.token, embedding.vectors)
     elif to == "a1111":
         embeddings.save_a1111_safetensors(dst, embedding.token, embedding.vectors)
+    elif to == "a1111_card":
+        preview = _preview(image) if image else _PLAIN_PREVIEW
+        embeddings.save_png_card(dst, preview, embedding.token, embedding.vectors, None, None)
     else:
         raise ValueError(f"unknown output format {to!r}; valid: {', '.join(embeddings.FORMATS)}")
     return embedding
@@ -58,16 +76,17 @@ def convert(src, dst, to, token=None, version=None, overwrite=False):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("input", help="embedding file in any supported format")
-    parser.add_argument("output", help="file to write (.ckpt for ti_ckpt, .safetensors otherwise)")
+    parser.add_argument("output", help="file to write (.ckpt for ti_ckpt, .png for a1111_card, else .safetensors)")
     parser.add_argument("--to", required=True, choices=embeddings.FORMATS, help="output format")
     parser.add_argument("--token", help="placeholder token (default: the one stored in the input, or its file name)")
     parser.add_argument(
         "--version", help="SD version stored in a ti_ckpt (default: 1.5 for 768-d vectors, 2.1 for 1024-d)"
     )
+    parser.add_argument("--image", help="the preview image of an a1111_card (default: plain gray, 512 px)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     try:
-        embedding = convert(args.input, args.output, args.to, args.token, args.version, args.overwrite)
+        embedding = convert(args.input, args.output, args.to, args.token, args.version, args.overwrite, args.image)
     except (OSError, ValueError) as err:
         parser.exit(1, f"error: {err}\n")
     print(f"{args.output}: {args.to}, token {embedding.token!r}, {embedding.num_vectors} x {embedding.dim}-d")
