@@ -8,16 +8,25 @@ Three layouts are read:
 - `mindone`: MindSpore `.ckpt` of mindone's ldm (CompVis names with `gamma/beta`, `embedding_table`,
   wrapped convs `X.conv.weight`, `in_layers_norm`/`in_layers_conv`/..., and its own text encoder names).
 
+A single file's keys are model weights, or set aside by name in known categories (noise schedule
+buffers, EMA copies or counters, CLIP extras, SD2's unused last text block: `split_single_file`), or an
+error. Config checks compare meaning (`ldm.models.config_differences`), not YAML spelling.
+
 MindSpore and `ldm.models` are imported inside the functions that need them: the key maps here are also
 used by tools/make_reference_fixtures.py, which runs in a torch environment without MindSpore.
 """
+import contextlib
 import json
+import logging
 import os
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ldm.checkpoint_io import CheckpointError, load_state_dict
+
+logger = logging.getLogger(__name__)
 
 PARTS = ("unet", "vae", "text_encoder")
 ORIGINAL_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}
@@ -161,28 +170,19 @@ _OPENCLIP_TO_HF = (
 )
 
 
-def text_from_openclip(sd, keep_layers):
-    """OpenCLIP text tower (`cond_stage_model.model.` stripped) -> our HF names, first `keep_layers` blocks.
+def text_from_openclip(sd):
+    """OpenCLIP text tower (`cond_stage_model.model.` stripped, extras set aside) -> our HF names.
 
     The packed `attn.in_proj_{weight,bias}` rows are q, k, v in that order.
     """
     out = {}
-    for key, value in _rename({k: v for k, v in sd.items() if not _TEXT_IGNORED.search(k)},
-                              _OPENCLIP_TO_HF).items():
-        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.", key)
-        if m and int(m.group(1)) >= keep_layers:
-            continue
+    for key, value in _rename(sd, _OPENCLIP_TO_HF).items():
         if p := re.fullmatch(r"(.+)\.attn\.in_proj_(weight|bias)", key):
             for name, chunk in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
                 out[f"{p.group(1)}.self_attn.{name}.{p.group(2)}"] = chunk
         else:
             out[key] = value
     return out
-
-
-def openclip_layer_count(sd):
-    return 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))),
-                   default=-1)
 
 
 # mindone's two text encoders, renamed to the OpenCLIP original names so that one converter serves all
@@ -198,8 +198,75 @@ _TEXT_MINDONE_TO_OPENCLIP = (
 
 # ---------------------------------------------------------------------------------------------- single files
 
+# Keys of real single files that hold nothing our cells load, by category. Any other key outside the
+# model weights is an error: a file we do not understand is not half-loaded in silence.
+IGNORED_SCHEDULE = "noise schedule buffers"
+IGNORED_TRAINING = "EMA/training counters"
+IGNORED_EMA = "EMA UNet copies (extract_ema loads them)"
+IGNORED_NON_EMA = "non-EMA UNet weights (extract_ema)"
+IGNORED_TEXT_EXTRAS = "CLIP position_ids/logit_scale/text_projection"
+IGNORED_TEXT_LAYERS = "unused text encoder layers"
+
+# LatentDiffusion's registered buffers; our schedule is computed from the model config (ldm.schedule)
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2")
+# LitEma's counters (CompVis/Stability files) and the step count mindone's training checkpoints carry
+TRAINING_KEYS = ("model_ema.decay", "model_ema.num_updates", "global_step")
+EMA_PREFIX = "model_ema."
+# CLIP tensors the text encoder's output does not use: HF position_ids (a buffer), OpenCLIP's contrastive
+# head and its causal mask
+_TEXT_EXTRAS = re.compile(r"cond_stage_model\.(transformer\.(text_model\.)?embeddings\.position_ids"
+                          r"|model\.(logit_scale|text_projection|attn_mask))")
+# OpenCLIP blocks: original SD 2.x files and mindone's text encoders
+_TEXT_BLOCK = re.compile(r"cond_stage_model\.(?:model\.transformer|transformer\.transformer_layer)"
+                         r"\.resblocks\.(\d+)\.")
+
+
+@dataclass
+class KeyReport:
+    """What became of a weight file's keys: `ignored` maps a category above to the keys set aside."""
+    layout: str
+    total: int
+    ignored: dict = field(default_factory=dict)
+
+    @property
+    def loaded(self):
+        return self.total - sum(len(keys) for keys in self.ignored.values())
+
+    def summary(self):
+        ignored = ", ".join(f"{len(keys)} {category}" for category, keys in self.ignored.items() if keys)
+        return f"{self.layout} layout, {self.total} keys: {self.loaded} loaded, " + (
+            f"{self.total - self.loaded} ignored ({ignored})" if ignored else "none ignored")
+
+
+class _KeyReports(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.reports = []
+
+    def emit(self, record):
+        if hasattr(record, "key_report"):
+            self.reports.append(record.key_report)
+
+
+@contextlib.contextmanager
+def collect_key_reports():
+    """A list that receives the `KeyReport` of every load inside the block (for tools that print them)."""
+    handler, level = _KeyReports(), logger.level
+    logger.addHandler(handler)
+    if not logger.isEnabledFor(logging.INFO):
+        logger.setLevel(logging.INFO)
+    try:
+        yield handler.reports
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def detect_layout(keys):
-    """'original' or 'mindone' for a single-file state dict's keys; CheckpointError otherwise."""
+    """'original' or 'mindone' for a single-file state dict's keys; None for anything else."""
     keys = list(keys)
     unet = [k for k in keys if k.startswith(ORIGINAL_PREFIXES["unet"])]
     if not unet:
@@ -213,32 +280,82 @@ def _strip(sd, prefix):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def split_single_file(sd, source, text_layers=None):
-    """A single-file SD state dict -> (`{"unet","vae","text_encoder"}` in our names, layout name).
+def ema_name(unet_key):
+    """LitEma's name for the EMA copy of `model.diffusion_model.<unet_key>`: the path without its dots."""
+    return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
 
-    `text_layers`: how many OpenCLIP blocks to keep; by default an original SD2 file drops its last one
+
+def _unet_weights(sd, source, use_ema):
+    """`(UNet in CompVis names, the file keys it came from, {category: keys set aside})`.
+
+    A file with `model_ema.*` copies (v1-5-pruned.ckpt) gives its non-EMA `model.diffusion_model.*`
+    weights, as diffusers' original-checkpoint converter (extract_ema=False) and A1111 do, unless
+    `use_ema`. EMA names with no UNet weight to copy are left unclaimed (unexpected).
+    """
+    unet = _strip(sd, ORIGINAL_PREFIXES["unet"])
+    originals = {ORIGINAL_PREFIXES["unet"] + k: k for k in unet}
+    copies = {ema_name(k): k for k in unet}
+    ema = [k for k in copies if k in sd]
+    if not use_ema:
+        if ema:
+            logger.info("%s: holds EMA and non-EMA UNet weights; using the non-EMA ones (as diffusers and A1111 "
+                        "do); extract_ema (--extract_ema, or the train config key) loads the EMA ones", source)
+        return unet, list(originals), {IGNORED_EMA: ema}
+    if not ema:
+        raise CheckpointError(f"{source}: extract_ema is set but the file holds no EMA copies (model_ema.*): its "
+                              "model.diffusion_model.* weights are the only ones; load it without extract_ema")
+    if len(ema) < len(copies):
+        lacking = next(k for k in copies if k not in sd)
+        raise CheckpointError(f"{source}: the EMA copies lack {len(copies) - len(ema)} UNet weights (e.g. "
+                              f"{lacking}); load it without extract_ema")
+    logger.info("%s: using the EMA UNet weights (model_ema.*)", source)
+    return {copies[k]: sd[k] for k in ema}, ema, {IGNORED_NON_EMA: list(originals)}
+
+
+def split_single_file(sd, source, text_layers=None, use_ema=False):
+    """A single-file SD state dict -> `(parts, report)`: `{"unet","vae","text_encoder"}` in our names and a
+    `KeyReport` (layout, key counts, the keys set aside by category).
+
+    text_layers: how many OpenCLIP blocks to keep; by default an original SD2 file drops its last one
     (SD2 conditions on the penultimate block), while mindone's SD2 files already hold only those.
+    use_ema: the UNet from the `model_ema.*` copies (see `_unet_weights`).
+    Keys that are neither model weights nor in a category above raise CheckpointError.
     """
     layout = detect_layout(sd.keys())
     if layout is None:
         raise CheckpointError(f"{source}: not a Stable Diffusion checkpoint (no {ORIGINAL_PREFIXES['unet']}* weights)")
-    unet = _strip(sd, ORIGINAL_PREFIXES["unet"])
-    vae = _strip(sd, ORIGINAL_PREFIXES["vae"])
-    openai, openclip = _strip(sd, OPENAI_PREFIX), _strip(sd, OPENCLIP_PREFIX)
+    unet, used, ignored = _unet_weights(sd, source, use_ema)
+    ignored[IGNORED_SCHEDULE] = [k for k in SCHEDULE_BUFFERS if k in sd]
+    ignored[IGNORED_TRAINING] = [k for k in TRAINING_KEYS if k in sd]
+    ignored[IGNORED_TEXT_EXTRAS] = [k for k in sd if _TEXT_EXTRAS.fullmatch(k)]
+    blocks = {k: int(m.group(1)) for k in sd if (m := _TEXT_BLOCK.match(k))}
+    if text_layers is None:
+        text_layers = 1 + max(blocks.values(), default=-1)
+        if layout == "original":
+            text_layers -= 1
+    ignored[IGNORED_TEXT_LAYERS] = [k for k, block in blocks.items() if block >= text_layers]
+
+    claimed = set(used).union(*ignored.values())
+    rest = {k: v for k, v in sd.items() if k not in claimed}
+    unexpected = [k for k in rest if not k.startswith((ORIGINAL_PREFIXES["vae"], OPENAI_PREFIX, OPENCLIP_PREFIX))]
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected keys, neither Stable Diffusion weights nor known extras: "
+                              f"{len(unexpected)} ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+    vae = _strip(rest, ORIGINAL_PREFIXES["vae"])
+    openai, openclip = _strip(rest, OPENAI_PREFIX), _strip(rest, OPENCLIP_PREFIX)
     if layout == "mindone":
         unet = _rename(unet, _UNET_MINDONE_RULES)
         vae = _rename(vae, _UNET_MINDONE_RULES[:2])
-        mindone_text = openclip or openai
-        text = _rename(mindone_text, _TEXT_MINDONE_TO_OPENCLIP)
-        text = text_from_openclip(text, text_layers or openclip_layer_count(text))
+        text = text_from_openclip(_rename(openclip or openai, _TEXT_MINDONE_TO_OPENCLIP))
     elif openclip:
-        text = text_from_openclip(openclip, text_layers or openclip_layer_count(openclip) - 1)
+        text = text_from_openclip(openclip)
     else:
         text = text_from_openai(openai)
     if not vae or not text:
         missing = "first_stage_model.*" if not vae else "cond_stage_model.*"
         raise CheckpointError(f"{source}: the file has UNet weights but no {missing} weights")
-    return {"unet": unet, "vae": vae_attention_as_conv(vae), "text_encoder": text}, layout
+    parts = {"unet": unet, "vae": vae_attention_as_conv(vae), "text_encoder": text}
+    return parts, KeyReport(layout, len(sd), {k: v for k, v in ignored.items() if v})
 
 
 # ---------------------------------------------------------------------------------------------- diffusers folders
@@ -369,10 +486,17 @@ def config_from_diffusers(folder):
 
 
 def load_diffusers_folder(folder):
-    """The three state dicts of a diffusers folder, in our names."""
+    """`(parts, KeyReport)`: the three state dicts of a diffusers folder in our names, and what became of
+    their keys (older transformers versions saved CLIP's position_ids buffer)."""
     converters = {"unet": unet_from_diffusers, "vae": vae_from_diffusers, "text_encoder": text_from_openai}
-    return {part: convert(load_state_dict(_diffusers_weight_file(folder, part)))
-            for part, convert in converters.items()}
+    parts, report = {}, KeyReport("diffusers", 0)
+    for part, convert in converters.items():
+        sd = load_state_dict(_diffusers_weight_file(folder, part))
+        report.total += len(sd)
+        if extras := [f"{part}/{k}" for k in sd if part == "text_encoder" and _TEXT_IGNORED.search(k)]:
+            report.ignored[IGNORED_TEXT_EXTRAS] = extras
+        parts[part] = convert(sd)
+    return parts, report
 
 
 # ---------------------------------------------------------------------------------------------- configs from weights
@@ -443,52 +567,59 @@ def sd_version(cfg):
     return "2.x" if cfg.unet.use_linear_in_transformer else "1.x"
 
 
-_SHAPE_FIELDS = {
+# what the weights' shapes determine, compared by meaning (`ldm.models.config_differences`)
+_SHAPE_FIELDS = tuple(f"{part}.{name}" for part, names in {
     "unet": ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
              "attention_resolutions", "context_dim", "use_linear_in_transformer", "transformer_depth"),
     "vae": ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim"),
     "text_encoder": ("vocab_size", "width", "layers", "intermediate_size", "context_length"),
-}
+}.items() for name in names)
 
 
 def check_fits(weights_cfg, cfg, source):
     """One-line CheckpointError when the weights' architecture differs from the model config's."""
+    from ldm.models import config_differences
+
     if sd_version(weights_cfg) != sd_version(cfg):
         raise CheckpointError(f"{source}: holds Stable Diffusion {sd_version(weights_cfg)} weights, "
                               f"but the model config is for SD {sd_version(cfg)}")
-    diffs = [f"{part}.{name} {getattr(getattr(weights_cfg, part), name)} in the file vs "
-             f"{getattr(getattr(cfg, part), name)} in the config"
-             for part, names in _SHAPE_FIELDS.items() for name in names
-             if getattr(getattr(weights_cfg, part), name) != getattr(getattr(cfg, part), name)]
+    diffs = [f"{name} {ours} in the file vs {theirs} in the config"
+             for name, ours, theirs in config_differences(weights_cfg, cfg, _SHAPE_FIELDS)]
     if diffs:
         raise CheckpointError(f"{source}: does not fit the model config: {'; '.join(diffs[:3])}")
 
 
 # ---------------------------------------------------------------------------------------------- entry points
 
-def load_pretrained(path, model_config=None):
+def load_pretrained(path, model_config=None, use_ema=False):
     """`(ModelConfig, {"unet","vae","text_encoder"}: {name: ndarray}, layout)` for a file or diffusers folder.
 
     With `model_config`, the weights must fit it (one-line CheckpointError otherwise) and it is returned;
     without, the config comes from the folder's config files or, for a single file, from the weights'
-    shapes (see `infer_config`).
+    shapes (see `infer_config`). use_ema: the UNet from a single file's EMA copies (`model_ema.*`);
+    CheckpointError when there are none. What became of the keys is logged (INFO); the log record's
+    `key_report` attribute is the `KeyReport`.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path}: a folder but not a diffusers pipeline (needs {', '.join(PARTS)}/)")
-        parts = load_diffusers_folder(path)
-        layout, own_cfg = "diffusers", config_from_diffusers(path)
+        if use_ema:
+            raise CheckpointError(f"{path}: extract_ema is set but a diffusers folder holds one set of UNet "
+                                  "weights (no EMA copies); load it without extract_ema")
+        parts, report = load_diffusers_folder(path)
+        own_cfg = config_from_diffusers(path)
         weights_cfg = infer_config(parts, "openai" if own_cfg.text_encoder.use_quick_gelu else "openclip")
     else:
         sd = load_state_dict(path)
         text_layers = model_config.text_encoder.layers if model_config is not None else None
-        parts, layout = split_single_file(sd, path, text_layers)
+        parts, report = split_single_file(sd, path, text_layers, use_ema)
         weights_cfg = own_cfg = infer_config(parts)
+    logger.info("%s: %s", path, report.summary(), extra={"key_report": report})
     if model_config is None:
-        return own_cfg, parts, layout
+        return own_cfg, parts, report.layout
     check_fits(weights_cfg, model_config, path)
-    return model_config, parts, layout
+    return model_config, parts, report.layout
 
 
 def _fits(file_shape, param_shape):
@@ -527,12 +658,13 @@ def load_into(cell, state_dict, what, source):
         param.set_data(ms.Tensor(np.asarray(state_dict[name]).reshape(param.shape), dtype=param.dtype))
 
 
-def build_pretrained(path, model_config=None, dtype=None):
-    """`(ModelConfig, (unet, vae, text_encoder), layout)`: the cells built and loaded from `path`."""
+def build_pretrained(path, model_config=None, dtype=None, use_ema=False):
+    """`(ModelConfig, (unet, vae, text_encoder), layout)`: the cells built and loaded from `path` (see
+    `load_pretrained` for `model_config` and `use_ema`)."""
     import mindspore as ms
     from ldm.models import build_models
 
-    cfg, parts, layout = load_pretrained(path, model_config)
+    cfg, parts, layout = load_pretrained(path, model_config, use_ema)
     cells = build_models(cfg, dtype=dtype or ms.float32)
     for cell, part in zip(cells, PARTS):
         load_into(cell, parts[part], part, path)

@@ -1,14 +1,17 @@
-"""Typed model configuration, the mindone-style YAML reader, and the model builder.
+"""Typed model configuration, the CompVis/Stability/mindone YAML reader, and the model builder.
 
-The YAML layout is the one of CompVis/mindone `configs/*.yaml`: everything sits under
+The YAML layout is the one of CompVis, Stability and mindone `configs/*.yaml`: everything sits under
 `model.params`, with `unet_config`, `first_stage_config` (its `ddconfig` + `embed_dim`) and
-`cond_stage_config`, each carrying `target` and `params`. Keys that only matter to mindone's own
-training code (use_fp16, use_checkpoint, legacy, monitor, lossconfig, ...) are accepted and ignored.
+`cond_stage_config`, each carrying `target` and `params`. `target` class paths are mapped to our cells
+(`TARGETS`). Keys that only matter to the reference code's own training or devices (use_fp16,
+use_checkpoint, legacy, monitor, lossconfig, scheduler_config, ...) are accepted and ignored.
 """
-from dataclasses import asdict, dataclass, field, fields, replace
+import contextlib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 import yaml
 import mindspore as ms
+from mindspore.nn.utils import no_init_parameters
 
 from ldm.modules.openaimodel import UNetModel
 from ldm.modules.autoencoder import AutoencoderKL
@@ -97,43 +100,125 @@ def _typed(cls, params):
     return cls(**kwargs)
 
 
+# `target:` class paths of the YAMLs users have (CompVis, Stability and mindone use the same ones) -> what
+# we build for them; any other target (inpainting, depth, unCLIP, SDXL, ...) is refused by name.
+TEXT_TARGETS = {
+    # CompVis/Stability: OpenAI CLIP ViT-L/14 by name; mindone: its CLIP, sized by params (exact gelu by default)
+    "ldm.modules.encoders.modules.FrozenCLIPEmbedder": "openai",
+    # Stability: the OpenCLIP ViT-H-14 text tower by name; mindone: the same, sized by params
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": "openclip",
+}
+TARGETS = {
+    "model": ("ldm.models.diffusion.ddpm.LatentDiffusion",),        # -> ModelConfig (ldm.pipeline)
+    "unet_config": ("ldm.modules.diffusionmodules.openaimodel.UNetModel",),   # -> UNetModel
+    "first_stage_config": ("ldm.models.autoencoder.AutoencoderKL",),  # -> AutoencoderKL
+    "cond_stage_config": tuple(TEXT_TARGETS),                          # -> CLIPTextModel
+}
+
+# What the CompVis/Stability text classes load by name (their YAMLs give no sizes)
+_RELEASED_TEXT_ENCODERS = {
+    "openai": dict(width=768, layers=12, heads=12, intermediate_size=3072, use_quick_gelu=True),     # ViT-L/14
+    "openclip": dict(width=1024, layers=24, heads=16, intermediate_size=4096, use_quick_gelu=False),  # ViT-H-14
+}
+# Stability's FrozenOpenCLIPEmbedder `layer`: how many of the tower's last blocks it skips
+_OPENCLIP_LAYERS = {"last": 0, "penultimate": 1}
+# mindone's `model.prediction_type` (beside `model.params`) -> CompVis' `parameterization`
+_PREDICTION_TYPES = {"noise": "eps", "v": "v"}
+
+
 def _section(model_params, name, path):
-    if name not in model_params:
+    """`(target, params)` of `model.params.<name>`; the target must be one of `TARGETS[name]`, if given."""
+    section = model_params.get(name)
+    if not isinstance(section, dict):
         raise ValueError(f"{path}: model.params.{name} is missing")
-    return model_params[name].get("params") or {}
+    target = section.get("target")
+    if target is not None and target not in TARGETS[name]:
+        raise ValueError(f"{path}: model.params.{name}.target {target} is not a Stable Diffusion 1.x/2.x part "
+                         f"this project builds (known: {', '.join(TARGETS[name])})")
+    return target, dict(section.get("params") or {})
+
+
+def _released_text_encoder(flavour, params, where):
+    """TextEncoderConfig fields of the encoder a CompVis/Stability class loads by name."""
+    out = dict(_RELEASED_TEXT_ENCODERS[flavour])
+    layer = params.get("layer", "last")
+    if flavour == "openclip":
+        if params.get("arch", "ViT-H-14") != "ViT-H-14":
+            raise ValueError(f"{where}.arch {params['arch']!r}: only ViT-H-14 (the SD 2.x text encoder) is supported")
+        if layer not in _OPENCLIP_LAYERS:
+            raise ValueError(f"{where}.layer {layer!r}: use 'penultimate' (SD 2.x) or 'last'")
+        out["layers"] -= _OPENCLIP_LAYERS[layer]
+    else:
+        version = params.get("version", "openai/clip-vit-large-patch14")
+        if version != "openai/clip-vit-large-patch14":
+            raise ValueError(f"{where}.version {version!r}: only openai/clip-vit-large-patch14 (the SD 1.x text "
+                             "encoder) is supported")
+        if layer != "last":
+            raise ValueError(f"{where}.layer {layer!r}: only 'last' is supported")
+    if "max_length" in params:
+        out["context_length"] = params["max_length"]
+    return out
+
+
+def _text_encoder_params(target, params, path):
+    """TextEncoderConfig fields from `cond_stage_config`: named by the class (CompVis, Stability: no size
+    in params) or listed in params (mindone, ours)."""
+    if target is not None and not {f.name for f in fields(TextEncoderConfig)} & params.keys():
+        params = _released_text_encoder(TEXT_TARGETS[target], params,
+                                        f"{path}: model.params.cond_stage_config.params")
+    elif target is not None:
+        # mindone's text encoders use exact gelu unless told otherwise (its OpenCLIP one always)
+        params.setdefault("use_quick_gelu", False)
+    params.setdefault("intermediate_size", 4 * int(params.get("width", TextEncoderConfig.width)))
+    # padding as the SD release of the flavour pads: OpenAI CLIP with <|endoftext|>, OpenCLIP with "!" (id 0)
+    quick_gelu = bool(params.get("use_quick_gelu", TextEncoderConfig.use_quick_gelu))
+    params.setdefault("pad_token", "<|endoftext|>" if quick_gelu else "!")
+    return params
+
+
+def _parameterization(model, path):
+    """CompVis' `model.params.parameterization` or mindone's `model.prediction_type`; they must agree."""
+    params = model.get("params") or {}
+    if "prediction_type" not in model:
+        return params.get("parameterization")
+    kind = model["prediction_type"]
+    if kind not in _PREDICTION_TYPES:
+        raise ValueError(f"{path}: model.prediction_type {kind!r} must be 'noise' or 'v'")
+    if params.get("parameterization", _PREDICTION_TYPES[kind]) != _PREDICTION_TYPES[kind]:
+        raise ValueError(f"{path}: model.prediction_type {kind!r} contradicts model.params.parameterization "
+                         f"{params['parameterization']!r}; keep one of them")
+    return _PREDICTION_TYPES[kind]
 
 
 def model_config_from_dict(config: dict, path="<dict>") -> ModelConfig:
-    """`ModelConfig` from an already parsed mindone-style config (see `load_model_config`)."""
+    """`ModelConfig` from an already parsed model config (see `load_model_config`)."""
     try:
         model = config["model"]
         mp = model.get("params") or {}
     except (KeyError, TypeError, AttributeError):
         raise ValueError(f"{path}: not a model config (no model.params)") from None
+    if model.get("target") is not None and model["target"] not in TARGETS["model"]:
+        raise ValueError(f"{path}: model.target {model['target']} is not a model this project builds "
+                         f"(known: {', '.join(TARGETS['model'])})")
 
-    unet_params = dict(_section(mp, "unet_config", path))
+    _, unet_params = _section(mp, "unet_config", path)
     # CompVis: num_head_channels, when set, decides the head count (num_heads defaults to -1 there)
     if unet_params.get("num_head_channels", -1) != -1 and "num_heads" not in unet_params:
         unet_params["num_heads"] = -1
     unet = _typed(UNetConfig, unet_params)
 
-    first = _section(mp, "first_stage_config", path)
+    _, first = _section(mp, "first_stage_config", path)
     vae_params = dict(first.get("ddconfig") or {})
     if "embed_dim" in first:
         vae_params["embed_dim"] = first["embed_dim"]
     vae = _typed(VAEConfig, vae_params)
 
-    text_params = dict(_section(mp, "cond_stage_config", path))
-    if "OpenCLIP" in str(mp["cond_stage_config"].get("target", "")):
-        # OpenCLIP ViT-H text tower: exact gelu and "!" padding unless the file says otherwise
-        text_params.setdefault("use_quick_gelu", False)
-        text_params.setdefault("pad_token", "!")
-    if "intermediate_size" not in text_params and "width" in text_params:
-        text_params["intermediate_size"] = 4 * int(text_params["width"])
-    text = _typed(TextEncoderConfig, text_params)
+    text = _typed(TextEncoderConfig, _text_encoder_params(*_section(mp, "cond_stage_config", path), path))
 
-    top = {k: mp[k] for k in ("parameterization", "linear_start", "linear_end", "timesteps", "scale_factor")
-           if k in mp}
+    top = {k: mp[k] for k in ("linear_start", "linear_end", "timesteps", "scale_factor") if k in mp}
+    parameterization = _parameterization(model, path)
+    if parameterization is not None:
+        top["parameterization"] = parameterization
     if "image_size" in mp:
         # model.params.image_size is the latent size; the sample size in pixels is that times the VAE factor
         top["image_size"] = int(mp["image_size"]) * 2 ** (len(vae.ch_mult) - 1)
@@ -144,21 +229,59 @@ def model_config_from_dict(config: dict, path="<dict>") -> ModelConfig:
 
 
 def load_model_config(path) -> ModelConfig:
-    """Read a mindone-style model YAML (`model.params.{unet_config, first_stage_config, cond_stage_config}`)."""
+    """Read a CompVis, Stability or mindone model YAML (`model.params.{unet_config, first_stage_config,
+    cond_stage_config}`)."""
     with open(path, "r", encoding="utf-8") as f:
         config = yaml.safe_load(f)
     return model_config_from_dict(config, str(path))
 
 
-def build_models(cfg: ModelConfig, dtype=ms.float32):
+# levels that get attention, a set: CompVis YAMLs list [4, 2, 1], weights read as (1, 2, 4)
+_SET_FIELDS = ("attention_resolutions", "attn_resolutions")
+
+
+def _flat(cfg):
+    """`{"unet.channel_mult": ..., "parameterization": ...}` of a ModelConfig."""
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out.update({f"{f.name}.{k}": v for k, v in asdict(value).items()})
+        else:
+            out[f.name] = value
+    return out
+
+
+def _meaning(name, value):
+    """A config value as what it means: lists and tuples alike, attention levels as a set (numbers
+    already compare by value: 1 == 1.0)."""
+    if isinstance(value, (list, tuple)):
+        return frozenset(value) if name.rpartition(".")[2] in _SET_FIELDS else tuple(value)
+    return value
+
+
+def config_differences(a: ModelConfig, b: ModelConfig, names=None):
+    """`[(name, value in a, value in b)]` for the fields where `a` and `b` mean different things.
+
+    names: flat field names to compare ("unet.channel_mult", "parameterization", ...); default all.
+    """
+    flat_a, flat_b = _flat(a), _flat(b)
+    return [(n, flat_a[n], flat_b[n]) for n in (names or flat_a)
+            if _meaning(n, flat_a[n]) != _meaning(n, flat_b[n])]
+
+
+def build_models(cfg: ModelConfig, dtype=ms.float32, init=True):
     """Build `(unet, vae, text_encoder)` with random weights; `dtype` is the compute dtype.
 
     Parameters stay float32 (they are what checkpoints load into and what optimizers update);
-    matmuls and convs run in `dtype`, norms and softmax in float32.
+    matmuls and convs run in `dtype`, norms and softmax in float32. `init=False` allocates no parameter
+    data (MindSpore's `no_init_parameters`): names and shapes only, which is all a key check needs, in
+    a fraction of a second for a full-size model instead of ~17 s and 3.4 GB.
     """
     text_kwargs = asdict(cfg.text_encoder)
     text_kwargs.pop("pad_token")   # a tokenizer concern
-    unet = UNetModel(**asdict(cfg.unet), dtype=dtype)
-    vae = AutoencoderKL(**asdict(cfg.vae), dtype=dtype)
-    text_encoder = CLIPTextModel(**text_kwargs, dtype=dtype)
+    with contextlib.nullcontext() if init else no_init_parameters():
+        unet = UNetModel(**asdict(cfg.unet), dtype=dtype)
+        vae = AutoencoderKL(**asdict(cfg.vae), dtype=dtype)
+        text_encoder = CLIPTextModel(**text_kwargs, dtype=dtype)
     return unet, vae, text_encoder

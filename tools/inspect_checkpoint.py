@@ -2,10 +2,11 @@
 
     python tools/inspect_checkpoint.py PATH [--config configs/v2-inference.yaml | DIFFUSERS_FOLDER] [--list]
 
-Prints the detected format and layout, per model part the tensor count, parameter count, dtypes and
-key shapes, the SD version and prediction type where the source tells them, and the model config
-inferred from the weights. With `--config`, it also builds the cells of that config (no weights are
-copied) and reports missing / unexpected / mis-shaped parameters per part.
+Prints the detected format and layout, how many keys are loaded and which are ignored (by category),
+per model part the tensor count, parameter count, dtypes and key shapes, the SD version and prediction
+type where the source tells them, and the model config inferred from the weights. With `--config`, it
+also builds the cells of that config (names and shapes only, no parameter data) and reports missing /
+unexpected / mis-shaped parameters per part. `--extract_ema` takes a file's EMA UNet copies.
 """
 import argparse
 import os
@@ -15,8 +16,8 @@ from dataclasses import asdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ldm.checkpoint_io import CheckpointError, sniff_format  # noqa: E402
-from ldm.convert import (PARTS, check_fits, compare_keys, config_from_diffusers, infer_config,  # noqa: E402
-                         is_diffusers_folder, load_pretrained, sd_version)
+from ldm.convert import (PARTS, check_fits, collect_key_reports, compare_keys, config_from_diffusers,  # noqa: E402
+                         infer_config, is_diffusers_folder, load_pretrained, sd_version)
 
 KEY_SHAPES = {
     "unet": ("input_blocks.0.0.weight", "input_blocks.1.1.proj_in.weight",
@@ -40,13 +41,15 @@ def _summary(cfg_part):
     return ", ".join(f"{k}={v}" for k, v in asdict(cfg_part).items())
 
 
-def describe(path, config_path=None, list_all=False, out=print):
-    own_cfg, parts, layout = load_pretrained(path)
+def describe(path, config_path=None, list_all=False, out=print, use_ema=False):
+    with collect_key_reports() as reports:
+        own_cfg, parts, layout = load_pretrained(path, use_ema=use_ema)
     weights_cfg = infer_config(parts, None if layout != "diffusers" else
                                ("openai" if own_cfg.text_encoder.use_quick_gelu else "openclip"))
     fmt = "folder" if os.path.isdir(path) else sniff_format(path)
     out(path)
     out(f"  format: {fmt}; layout: {LAYOUTS[layout]}")
+    out(f"  keys: {reports[-1].summary()}")
     version = sd_version(weights_cfg)
     text_kind = "OpenCLIP" if not weights_cfg.text_encoder.use_quick_gelu else "OpenAI CLIP"
     out(f"  version: SD {version} ({'linear' if version == '2.x' else '1x1-conv'} transformer projections, "
@@ -82,8 +85,8 @@ def describe(path, config_path=None, list_all=False, out=print):
     if ok:
         from ldm.models import build_models
         del parts   # full-size weights: do not hold two copies
-        _, parts, _ = load_pretrained(path, cfg)
-        for part, cell in zip(PARTS, build_models(cfg)):
+        _, parts, _ = load_pretrained(path, cfg, use_ema)
+        for part, cell in zip(PARTS, build_models(cfg, init=False)):
             missing, unexpected, mismatched = compare_keys(cell, parts[part])
             out(f"  {part}: missing {len(missing)}, unexpected {len(unexpected)}, shape mismatch {len(mismatched)}")
             for label, names in (("missing", missing), ("unexpected", unexpected), ("mismatch", mismatched)):
@@ -98,9 +101,10 @@ def main(argv=None):
     parser.add_argument("path", help="weights file (.safetensors/.ckpt/.bin) or diffusers folder")
     parser.add_argument("--config", help="model config YAML or diffusers folder to check the weights against")
     parser.add_argument("--list", action="store_true", help="list every converted tensor name and shape")
+    parser.add_argument("--extract_ema", action="store_true", help="the UNet from the file's EMA copies")
     args = parser.parse_args(argv)
     try:
-        ok = describe(args.path, args.config, args.list)
+        ok = describe(args.path, args.config, args.list, use_ema=args.extract_ema)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
