@@ -1,15 +1,29 @@
 """Samplers for latent diffusion: DDIM, PLMS, DPM-Solver++ (2M) and UniPC (bh2, order 2).
 
-Each one reproduces the diffusers scheduler that Stable Diffusion pipelines use, as created by
-`Scheduler.from_config(...)` from SD's scheduler_config.json (steps_offset=1, set_alpha_to_one=False,
-skip_prk_steps=True, clip_sample=False; every other setting at that scheduler's own default):
+Each one reproduces a diffusers scheduler as `Scheduler.from_config(config)` makes it from the model's
+scheduler_config.json: the keys the file has win, and the keys it lacks take that scheduler class's own
+default, which differs between classes. So SD's hub folders, which leave timestep_spacing out, give DDIM
+and PLMS "leading" steps but DPM-Solver++ and UniPC "linspace" ones, while a folder saved by a recent
+diffusers spells out its scheduler's "leading", and all four follow it.
+`scheduler_settings(config)` resolves one config for every sampler into a `SchedulerSettings`; what each
+follows (in parentheses diffusers' default, taken when the config lacks the key):
 
-- ``ddim``: DDIMScheduler, "leading" timestep spacing, optional eta noise.
-- ``plms``: PNDMScheduler with skip_prk_steps=True, "leading" spacing.
+- ``ddim``: DDIMScheduler: timestep_spacing ("leading"), steps_offset (0), clip_sample (True) of the x0
+  prediction to +-clip_sample_range (1.0), set_alpha_to_one (True); optional eta noise.
+- ``plms``: PNDMScheduler: timestep_spacing ("leading"), steps_offset (0), set_alpha_to_one (False),
+  skip_prk_steps (False: F-PNDM, whose first three steps are Runge-Kutta steps of 4 evaluations each;
+  True: PLMS proper, which SD's own configs ask for).
 - ``dpm_solver``: DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2,
-  solver_type="midpoint", lower_order_final, final sigma 0, "linspace" spacing.
-- ``uni_pc``: UniPCMultistepScheduler, bh2, solver_order=2, predict_x0, lower_order_final, final sigma 0,
-  "linspace" spacing.
+  solver_type="midpoint", final sigma 0: timestep_spacing ("linspace"), steps_offset (0).
+- ``uni_pc``: UniPCMultistepScheduler, bh2, solver_order=2, predict_x0, lower_order_final, final sigma 0:
+  timestep_spacing ("linspace"), steps_offset (0).
+
+Single files sample with SD's own scheduler config, `SD_SCHEDULER_CONFIG` (the same sampling keys for SD
+1.x and 2.x): "leading" spacing with steps_offset 1, no clipping, set_alpha_to_one False and no Runge-Kutta
+steps for DDIM and PLMS; "linspace" for DPM-Solver++ and UniPC. The prediction type is the caller's
+`parameterization` (the model config's, which a diffusers folder takes from the same file) and the noise
+schedule its `alphas_cumprod`. Other keys a scheduler class takes are implemented at diffusers' default
+only (`Sampler.fixed`): a config that sets another value gets a warning and is sampled with the default.
 
 The model is a plain callback ``model_fn(x, t) -> raw output`` (numpy in, numpy out); classifier-free
 guidance belongs to the caller's wrapper around it. Coefficients and updates are computed in float64 from
@@ -20,39 +34,99 @@ DDIM with eta > 0 draws its noise from a caller-supplied ``numpy.random.Generato
 reproduce diffusers' torch-generated noise.
 """
 
-from dataclasses import dataclass
+import itertools
+import logging
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 PARAMETERIZATIONS = ("eps", "v")
+SPACINGS = ("leading", "trailing", "linspace")
+
+# The sampling keys of SD's scheduler_config.json on the Hub (SD 1.5's PNDMScheduler, 2.1-base's
+# PNDMScheduler and 2.1's DDIMScheduler files agree on them; none sets timestep_spacing).
+SD_SCHEDULER_CONFIG = {"steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}
 
 # Callback signature: (evaluation index, timestep just evaluated, latents after the update).
 Callback = Callable[[int, int, np.ndarray], None]
 ModelFn = Callable[[np.ndarray, int], np.ndarray]
 
 
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Where and how one sampler steps; a sampler reads only the fields its diffusers class has."""
+
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = False
+    skip_prk_steps: bool = True
+
+    def __post_init__(self):
+        if self.timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
+
+
 # ---------------------------------------------------------------- timestep spacings
 
 
-def _leading_timesteps(num_steps: int, num_train: int) -> np.ndarray:
-    # diffusers "leading" spacing with SD's steps_offset=1: multiples of T // n shifted up by one,
-    # so the last step is taken at t=1 and the first at (n-1) * (T // n) + 1.
-    return np.arange(num_steps - 1, -1, -1, dtype=np.int64) * (num_train // num_steps) + 1
+def _checked(ts: np.ndarray, num_steps: int, num_train: int, s: SchedulerSettings) -> np.ndarray:
+    if ts[-1] < 0 or ts[0] >= num_train or np.any(ts[1:] >= ts[:-1]):
+        raise ValueError(f"{num_steps} steps with {s.timestep_spacing!r} spacing and steps_offset "
+                         f"{s.steps_offset} give timesteps outside [0, {num_train - 1}] or repeated ones; "
+                         "choose another number of steps")
+    return ts
 
 
-def _linspace_timesteps(num_steps: int, num_train: int) -> np.ndarray:
-    # diffusers "linspace" spacing: n+1 rounded points spread over [0, T-1], minus the 0 end because
-    # these solvers take their last step to the clean sample (sigma 0) instead of to t=0.
-    return np.linspace(0, num_train - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+def _trailing_timesteps(num_steps: int, num_train: int) -> np.ndarray:
+    # the same in all four schedulers: n evenly spaced points counted down from the last timestep
+    return np.round(np.arange(num_train, 0, -num_train / num_steps)).astype(np.int64) - 1
 
 
-def _plms_timesteps(num_steps: int, num_train: int) -> np.ndarray:
-    # Without the Runge-Kutta warm-up, diffusers' PLMS evaluates the second timestep twice: once after
-    # a plain first step and once more after redoing that first step with the averaged outputs.
-    ts = _leading_timesteps(num_steps, num_train)
-    return np.concatenate([ts[:1], ts[1:2], ts[1:]])
+def _single_step_timesteps(num_steps: int, num_train: int, s: SchedulerSettings) -> np.ndarray:
+    """DDIMScheduler's and PNDMScheduler's timesteps, descending (steps_offset applies to "leading" only)."""
+    if s.timestep_spacing == "leading":
+        ts = np.arange(num_steps - 1, -1, -1, dtype=np.int64) * (num_train // num_steps) + s.steps_offset
+    elif s.timestep_spacing == "trailing":
+        ts = _trailing_timesteps(num_steps, num_train)
+    else:
+        ts = np.linspace(0, num_train - 1, num_steps).round()[::-1].astype(np.int64)
+    return _checked(ts, num_steps, num_train, s)
+
+
+def _multistep_timesteps(num_steps: int, num_train: int, s: SchedulerSettings) -> np.ndarray:
+    """DPMSolverMultistepScheduler's and UniPCMultistepScheduler's timesteps, descending.
+
+    "leading" and "linspace" lay n + 1 points and drop the one at 0, because these solvers take their
+    last step to the clean sample (sigma 0) instead of to a timestep.
+    """
+    if s.timestep_spacing == "leading":
+        ts = np.arange(num_steps, 0, -1, dtype=np.int64) * (num_train // (num_steps + 1)) + s.steps_offset
+    elif s.timestep_spacing == "trailing":
+        ts = _trailing_timesteps(num_steps, num_train)
+    else:
+        ts = np.linspace(0, num_train - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+    return _checked(ts, num_steps, num_train, s)
+
+
+def _plms_timesteps(num_steps: int, num_train: int, s: SchedulerSettings) -> np.ndarray:
+    ts = _single_step_timesteps(num_steps, num_train, s)
+    if s.skip_prk_steps:
+        # PLMS evaluates the second timestep twice: once after a plain first step and once more after
+        # redoing that first step with the averaged outputs.
+        return np.concatenate([ts[:1], ts[1:2], ts[1:]])
+    if num_steps < 4:
+        raise ValueError(f"plms with skip_prk_steps=False (the model's scheduler config, or PNDMScheduler's default "
+                         f"when it lacks the key) takes Runge-Kutta steps over its first 4 timesteps and needs "
+                         f"num_steps >= 4, got {num_steps}")
+    # each Runge-Kutta step evaluates its start, its midpoint twice and its end
+    mids = ts[1:4] + num_train // num_steps // 2
+    return np.concatenate([np.stack([ts[:3], mids, mids, ts[1:4]], axis=1).ravel(), ts[3:]])
 
 
 # ---------------------------------------------------------------- shared math
@@ -74,19 +148,26 @@ def _ddim_update(x0: np.ndarray, eps: np.ndarray, abar_prev: float, std: float =
     return np.sqrt(abar_prev) * x0 + np.sqrt(1.0 - abar_prev - std**2) * eps
 
 
-def _abar_before(abar: np.ndarray, t: int) -> float:
-    # Stepping past t=0 lands on abar[0], not on 1 (SD's set_alpha_to_one=False).
-    return float(abar[t]) if t >= 0 else float(abar[0])
+def _abar_before(abar: np.ndarray, t: int, set_alpha_to_one: bool) -> float:
+    # Stepping past t=0 lands on 1 with set_alpha_to_one, else on abar[0] (SD's configs).
+    if t >= 0:
+        return float(abar[t])
+    return 1.0 if set_alpha_to_one else float(abar[0])
 
 
 # ---------------------------------------------------------------- DDIM and PLMS
+# Both step from t to t - T // n whatever the spacing, as diffusers does: with "linspace" or "trailing"
+# that is not always the next timestep.
 
 
-def _run_ddim(model_fn, x, abar, num_steps, parameterization, report, eta, rng):
+def _run_ddim(model_fn, x, abar, num_steps, parameterization, report, settings, eta, rng):
     stride = len(abar) // num_steps
-    for i, t in enumerate(_leading_timesteps(num_steps, len(abar))):
-        abar_t, abar_prev = float(abar[t]), _abar_before(abar, t - stride)
+    for i, t in enumerate(_single_step_timesteps(num_steps, len(abar), settings)):
+        abar_t, abar_prev = float(abar[t]), _abar_before(abar, t - stride, settings.set_alpha_to_one)
         x0, eps = _split_prediction(model_fn(x, int(t)), x, abar_t, parameterization)
+        if settings.clip_sample:
+            # eps stays the model's (diffusers' use_clipped_model_output=False, as its pipelines call it)
+            x0 = np.clip(x0, -settings.clip_sample_range, settings.clip_sample_range)
         # sigma_t of DDIM eq. 16: eta=1 is ancestral DDPM sampling, eta=0 the deterministic ODE step
         std = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
         x_next = _ddim_update(x0, eps, abar_prev, std)
@@ -106,26 +187,43 @@ _ADAMS_BASHFORTH = {
 }
 
 
-def _run_plms(model_fn, x, abar, num_steps, parameterization, report):
+def _run_plms(model_fn, x, abar, num_steps, parameterization, report, settings):
     stride = len(abar) // num_steps
-    outputs = []  # raw outputs at the accepted points, oldest first; the first step's probe is not kept
+    ts = _plms_timesteps(num_steps, len(abar), settings)
+    evaluation = itertools.count()
+
+    def transfer(x_from, t_from, t_to, out):
+        # Raw outputs are combined first and only the combination is converted to eps, at the point the
+        # step starts from. For v-prediction that differs (at second order in the step size) from
+        # combining per-point eps; diffusers does it this way and is the reference.
+        x0, eps = _split_prediction(out, x_from, float(abar[t_from]), parameterization)
+        return _ddim_update(x0, eps, _abar_before(abar, t_to, settings.set_alpha_to_one)).astype(np.float32)
+
+    outputs = []  # raw outputs at the accepted points, oldest first
+    if not settings.skip_prk_steps:
+        # F-PNDM's warm-up: classic RK4 from each of the first three timesteps to the next, evaluated at
+        # (t, mid, mid, next); as in diffusers, the first probe steps to t - stride // 2, not to mid.
+        for t, t_mid, _, t_next in ts[:12].reshape(3, 4):
+            x_start, k = x, []
+            for t_eval, t_to in ((t, t - stride // 2), (t_mid, t_mid), (t_mid, t_next), (t_next, t_next)):
+                k.append(np.asarray(model_fn(x, int(t_eval)), dtype=np.float64))
+                out = k[-1] if len(k) < 4 else (k[0] + 2 * k[1] + 2 * k[2] + k[3]) / 6
+                x = transfer(x_start, t, t_to, out)
+                report(next(evaluation), int(t_eval), x)
+            outputs.append(k[0])
+        ts = ts[12:]
     x_start = x
-    for i, t in enumerate(_plms_timesteps(num_steps, len(abar))):
+    for j, t in enumerate(ts):
         out = np.asarray(model_fn(x, int(t)), dtype=np.float64)
-        if i == 1:
+        if settings.skip_prk_steps and j == 1:
             # Redo the first step from its start with the mean of the outputs at both of its ends.
             t_from, x_from, combined = t + stride, x_start, (outputs[0] + out) / 2
         else:
             outputs = (outputs + [out])[-4:]
-            weights = _ADAMS_BASHFORTH[len(outputs)]
-            combined = sum(w * o for w, o in zip(weights, reversed(outputs)))
+            combined = sum(w * o for w, o in zip(_ADAMS_BASHFORTH[len(outputs)], reversed(outputs)))
             t_from, x_from = t, x
-        # Raw outputs are combined first and only the combination is converted to eps, at the point the
-        # step starts from. For v-prediction that differs (at second order in the step size) from
-        # combining per-point eps; diffusers does it this way and is the reference.
-        x0, eps = _split_prediction(combined, x_from, float(abar[t_from]), parameterization)
-        x = _ddim_update(x0, eps, _abar_before(abar, t_from - stride)).astype(np.float32)
-        report(i, int(t), x)
+        x = transfer(x_from, t_from, t_from - stride, combined)
+        report(next(evaluation), int(t), x)
     return x
 
 
@@ -149,9 +247,9 @@ def _unic_weights(h: float, r: float):
     return rho_hist, b1 - rho_hist
 
 
-def _run_multistep(model_fn, x, abar, num_steps, parameterization, report, corrector):
+def _run_multistep(model_fn, x, abar, num_steps, parameterization, report, settings, corrector):
     """DPM-Solver++(2M); with `corrector`, UniPC, whose bh2 order-2 predictor is this same 2M step."""
-    ts = _linspace_timesteps(num_steps, len(abar))
+    ts = _multistep_timesteps(num_steps, len(abar), settings)
     levels = np.append(abar[ts].astype(np.float64), 1.0)  # the last step lands on the clean sample
     alpha, sigma = np.sqrt(levels), np.sqrt(1.0 - levels)
     with np.errstate(divide="ignore"):
@@ -196,18 +294,37 @@ def _run_multistep(model_fn, x, abar, num_steps, parameterization, report, corre
 
 @dataclass(frozen=True)
 class Sampler:
-    """A sampling algorithm: where it evaluates the model and the loop that does it."""
+    """A sampling algorithm: where it evaluates the model, the loop that does it, what config it follows."""
 
-    timesteps: Callable[[int, int], np.ndarray]  # (num_steps, num_train_timesteps) -> evaluation timesteps
+    timesteps: Callable[[int, int, SchedulerSettings], np.ndarray]  # (n, train timesteps, settings) -> evaluations
     loop: Callable[..., np.ndarray]
+    defaults: dict  # its diffusers class's defaults for the SchedulerSettings fields that class has
+    fixed: dict = field(default_factory=dict)  # other keys of the class: the one value implemented, diffusers' default
     takes_eta: bool = False
 
 
+_MULTISTEP_FIXED = dict(solver_order=2, thresholding=False, use_karras_sigmas=False, use_exponential_sigmas=False,
+                        use_beta_sigmas=False, final_sigmas_type="zero", rescale_betas_zero_snr=False)
+
 SAMPLERS = {
-    "ddim": Sampler(_leading_timesteps, _run_ddim, takes_eta=True),
-    "plms": Sampler(_plms_timesteps, _run_plms),
-    "dpm_solver": Sampler(_linspace_timesteps, partial(_run_multistep, corrector=False)),
-    "uni_pc": Sampler(_linspace_timesteps, partial(_run_multistep, corrector=True)),
+    "ddim": Sampler(
+        _single_step_timesteps, _run_ddim,
+        dict(timestep_spacing="leading", steps_offset=0, clip_sample=True, clip_sample_range=1.0,
+             set_alpha_to_one=True),
+        dict(thresholding=False, rescale_betas_zero_snr=False), takes_eta=True),
+    "plms": Sampler(
+        _plms_timesteps, _run_plms,
+        dict(timestep_spacing="leading", steps_offset=0, set_alpha_to_one=False, skip_prk_steps=False)),
+    # lower_order_final and euler_at_final change nothing at order 2 with a final sigma of 0
+    "dpm_solver": Sampler(
+        _multistep_timesteps, partial(_run_multistep, corrector=False),
+        dict(timestep_spacing="linspace", steps_offset=0),
+        dict(_MULTISTEP_FIXED, algorithm_type="dpmsolver++", solver_type="midpoint", use_lu_lambdas=False,
+             lambda_min_clipped=-np.inf)),
+    "uni_pc": Sampler(
+        _multistep_timesteps, partial(_run_multistep, corrector=True),
+        dict(timestep_spacing="linspace", steps_offset=0),
+        dict(_MULTISTEP_FIXED, solver_type="bh2", predict_x0=True, lower_order_final=True, disable_corrector=[])),
 }
 
 
@@ -217,13 +334,38 @@ def get_sampler(name: str) -> Sampler:
     return SAMPLERS[name]
 
 
-def timesteps(name: str, num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+def scheduler_settings(config: Optional[dict] = None, source: str = "SD's scheduler config") -> dict:
+    """`{sampler: SchedulerSettings}` from a diffusers scheduler config (the dict of a scheduler_config.json),
+    each resolved as that sampler's diffusers class's `from_config` does; None = `SD_SCHEDULER_CONFIG`.
+
+    `source` names the config in errors and in the warning about values not followed.
+    """
+    config = SD_SCHEDULER_CONFIG if config is None else config
+    settings, ignored = {}, {}
+    for name, spec in SAMPLERS.items():
+        try:
+            settings[name] = SchedulerSettings(**{k: config.get(k, v) for k, v in spec.defaults.items()})
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+        for key, value in spec.fixed.items():
+            if key in config and config[key] != value:
+                ignored.setdefault(f"{key}={config[key]!r}", []).append(name)
+    if ignored:
+        logger.warning("%s: not followed, sampled with diffusers' defaults instead: %s", source,
+                       "; ".join(f"{key} ({', '.join(names)})" for key, names in ignored.items()))
+    return settings
+
+
+def timesteps(name: str, num_steps: int, num_train_timesteps: int = 1000,
+              settings: Optional[SchedulerSettings] = None) -> np.ndarray:
     """The timesteps `name` evaluates the model at, in order (diffusers' `scheduler.timesteps`).
 
-    PLMS evaluates num_steps + 1 times (its second timestep twice); the others num_steps times.
+    PLMS evaluates num_steps + 1 times (its second timestep twice), or with Runge-Kutta steps 12 times over
+    its first 4 timesteps and once at each later one; the others num_steps times. settings: None = SD's.
     """
+    spec = get_sampler(name)
     _check_num_steps(num_steps, num_train_timesteps)
-    return get_sampler(name).timesteps(num_steps, num_train_timesteps)
+    return spec.timesteps(num_steps, num_train_timesteps, settings or scheduler_settings()[name])
 
 
 def _check_num_steps(num_steps: int, num_train: int) -> None:
@@ -241,21 +383,25 @@ def sample(
     eta: float = 0.0,
     rng: Optional[np.random.Generator] = None,
     callback: Optional[Callback] = None,
+    settings: Optional[SchedulerSettings] = None,
 ) -> np.ndarray:
     """Run sampler `name` from pure noise `x_T` and return the final latents x_0 (float32).
 
     model_fn(x, t) gets float32 latents and an int timestep and returns the raw model output (eps or v,
     as `parameterization` says). alphas_cumprod is the training schedule (length = train timesteps).
     eta (DDIM only) scales the per-step noise, which is drawn from `rng`. callback(i, t, x) runs after
-    every model evaluation with the updated latents.
+    every model evaluation with the updated latents. settings: the model's for this sampler (see
+    `scheduler_settings`); None = SD's.
     """
     spec = get_sampler(name)
+    settings = settings or scheduler_settings()[name]
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
     if abar.ndim != 1 or not np.all((abar > 0) & (abar < 1)):
         raise ValueError("alphas_cumprod must be a 1-D array of values in (0, 1)")
     _check_num_steps(num_steps, len(abar))
+    spec.timesteps(num_steps, len(abar), settings)  # refuses timesteps off the schedule before any evaluation
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     extra = {}
@@ -268,4 +414,4 @@ def sample(
     # every one of these schedulers has init_noise_sigma = 1, so x_T is used as it is
     x = np.array(x_T, dtype=np.float32)
     report = callback if callback is not None else (lambda i, t, x: None)
-    return spec.loop(model_fn, x, abar, num_steps, parameterization, report, **extra)
+    return spec.loop(model_fn, x, abar, num_steps, parameterization, report, settings, **extra)

@@ -1,7 +1,7 @@
 """Write tests/fixtures/pipelines.npz: diffusers' StableDiffusionPipeline images for tests/test_text_to_image.py.
 
-Run with an environment that has torch and diffusers (not a project dependency):
-    /work/devvenv/bin/python tools/make_pipeline_fixtures.py
+Run with an interpreter that has torch and diffusers (not a project dependency):
+    python tools/make_pipeline_fixtures.py
 
 For each tiny reference model (`tiny-sd1`: eps, `tiny-sd2-v`: v-prediction) and each sampler, the pipeline
 is fed the project's documented initial latents (`ldm.pipeline.initial_latents`: iteration j of seed s
@@ -12,10 +12,15 @@ stored. One more case samples with a 2-vector Textual Inversion embedding that d
 `load_textual_inversion` reads from `tests/fixtures/tiny-embeddings/learned_embeds.bin`; the same vectors
 go to an A1111 `.pt` there, so the tests can load both torch formats without torch.
 
-The schedulers are built from SD's hub scheduler config (`make_sampler_fixtures.SD_SCHEDULER_CONFIG`) plus
-the model's prediction type, not from the tiny folders' saved config: that one spells out every key,
-including DDIM's "leading" timestep spacing, which DPM-Solver++ and UniPC would then inherit, whereas a
-real SD folder leaves it unset and they use their own "linspace" default (as ldm/samplers.py does).
+Also tests/fixtures/clip-skip.npz, for tests/test_clip_skip.py: `encode_prompt`'s prompt embeddings with
+diffusers' `clip_skip` None and 1 (the project's 1 and 2, A1111's numbering) for a few prompts, the
+embedding's prompt among them on tiny-sd1.
+
+Each sampler's scheduler is made as users make one for a model folder, `Scheduler.from_pretrained(folder,
+subfolder="scheduler")`: `from_config` of the folder's scheduler_config.json, whose keys win over each class's
+defaults. The tiny folders' file is a DDIMScheduler's saved by diffusers: it spells out "leading" spacing with
+steps_offset 1, which DPM-Solver++ and UniPC follow too, and lacks skip_prk_steps, so PLMS (PNDMScheduler)
+takes F-PNDM's Runge-Kutta warm-up, which needs 4 steps or more.
 The tokenizer is ldm.tokenizer's, built from the shipped BPE (the tiny folders hold only pad settings).
 """
 
@@ -34,19 +39,20 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from ldm.tokenizer import load_tokenizer  # noqa: E402
-from make_sampler_fixtures import PREDICTION_TYPES, SCHEDULERS, SD_SCHEDULER_CONFIG  # noqa: E402
+from make_sampler_fixtures import SCHEDULERS  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 OUT_PATH = os.path.join(FIXTURES, "pipelines.npz")
+CLIP_SKIP_PATH = os.path.join(FIXTURES, "clip-skip.npz")
 EMBEDDINGS = os.path.join(FIXTURES, "tiny-embeddings")
 
-# model folder -> (parameterization, guidance scale: text_to_image's defaults for 1.x and 2.x)
-MODELS = {"tiny-sd1": ("eps", 7.5), "tiny-sd2-v": ("v", 9.0)}
+# model folder -> guidance scale (text_to_image's defaults for 1.x and 2.x)
+MODELS = {"tiny-sd1": 7.5, "tiny-sd2-v": 9.0}
 # the CLI test runs text_to_image with these (default sampler dpm_solver, default seed) and compares
 # its PNGs with the tiny-sd1 dpm_solver case
 PROMPT = "a red circle on a blue background"
 NEGATIVE_PROMPT = "blurry, text"
-STEPS = 3
+STEPS = 4  # the fewest the tiny folders' PLMS (with Runge-Kutta steps) takes
 SEED = 42
 N_SAMPLES = 2
 # 32 px, not 64: these VAEs downsample by 2 only, and 64 px images with their 32x32 latents would make
@@ -72,14 +78,14 @@ def load_pipeline(folder):
         unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant=variant,
                                                   torch_dtype=torch.float32),
         # replaced per case; the constructor needs one
-        scheduler=diffusers.DDIMScheduler.from_config(SD_SCHEDULER_CONFIG),
+        scheduler=diffusers.DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def set_scheduler(pipe, sampler, parameterization):
-    config = {**SD_SCHEDULER_CONFIG, "prediction_type": PREDICTION_TYPES[parameterization]}
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(config)
+def set_scheduler(pipe, sampler, folder):
+    scheduler_class = getattr(diffusers, SCHEDULERS[sampler])
+    pipe.scheduler = scheduler_class.from_pretrained(os.path.join(FIXTURES, folder), subfolder="scheduler")
 
 
 def run(pipe, prompt, seed, scale):
@@ -113,11 +119,11 @@ def main():
     arrays = {"prompt": np.array(PROMPT), "negative_prompt": np.array(NEGATIVE_PROMPT), "steps": np.int64(STEPS),
               "seed": np.int64(SEED), "ti_prompt": np.array(TI_PROMPT), "ti_seed": np.int64(TI_SEED),
               "ti_sampler": np.array(TI_SAMPLER), "diffusers_version": np.array(diffusers.__version__)}
-    for model, (param, scale) in MODELS.items():
+    for model, scale in MODELS.items():
         pipe = load_pipeline(model)
         arrays[f"{model}.scale"] = np.float64(scale)
         for sampler in SCHEDULERS:
-            set_scheduler(pipe, sampler, param)
+            set_scheduler(pipe, sampler, model)
             images, latents = run(pipe, PROMPT, SEED, scale)
             key = f"{model}.{sampler}"
             arrays.update({f"{key}.images": images, f"{key}.latents": latents})
@@ -132,11 +138,35 @@ def main():
             assert ids[2:4] == [49408, 49409], ids
             table = pipe.text_encoder.get_input_embeddings().weight
             assert np.array_equal(table[49408:].numpy(), vectors)
-            set_scheduler(pipe, TI_SAMPLER, param)
+            set_scheduler(pipe, TI_SAMPLER, model)
             images, latents = run(pipe, TI_PROMPT, TI_SEED, scale)
             arrays.update({"ti.vectors": vectors, "ti.images": images, "ti.latents": latents})
     np.savez_compressed(OUT_PATH, **arrays)
     print(f"wrote {OUT_PATH} ({os.path.getsize(OUT_PATH)} bytes)")
+    write_clip_skip()
+
+
+@torch.no_grad()
+def write_clip_skip():
+    """`{model}.clip_skip_{k}`: encode_prompt's embeddings with our clip_skip k (diffusers' k - 1)."""
+    arrays = {}
+    for model in ("tiny-sd1", "tiny-sd2"):
+        pipe = load_pipeline(model)
+        if not hasattr(pipe.text_encoder, "text_model"):
+            # diffusers' clip_skip path reads `text_encoder.text_model.final_layer_norm`, a level transformers
+            # >= 5.6 removed (diffusers issue #14124); point it at the model, which now holds that norm
+            object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)
+        prompts = [PROMPT, ""]
+        if model == "tiny-sd1":
+            pipe.load_textual_inversion(os.path.join(EMBEDDINGS, "learned_embeds.bin"), tokenizer=pipe.tokenizer,
+                                        text_encoder=pipe.text_encoder)
+            prompts.append(TI_PROMPT)
+        arrays[f"{model}.prompts"] = np.array(prompts)
+        for k in (1, 2):
+            embeds, _ = pipe.encode_prompt(prompts, "cpu", 1, False, clip_skip=k - 1 or None)
+            arrays[f"{model}.clip_skip_{k}"] = embeds.numpy()
+    np.savez_compressed(CLIP_SKIP_PATH, **arrays)
+    print(f"wrote {CLIP_SKIP_PATH} ({os.path.getsize(CLIP_SKIP_PATH)} bytes)")
 
 
 if __name__ == "__main__":

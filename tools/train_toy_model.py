@@ -1,8 +1,8 @@
 """Dev tool: train the tiny SD-family model of the toy shapes world and write it as a diffusers folder.
 
-Runs in the dev venv (torch + diffusers + transformers), never in the product:
+Runs in the dev venv of requirements-dev.txt (torch + diffusers + transformers), never in the product:
 
-    nice -n 5 /work/devvenv/bin/python tools/train_toy_model.py --out models/tiny-sd
+    nice -n 5 .venv-dev/bin/python tools/train_toy_model.py --out models/tiny-sd
 
 Stages, each checkpointed under --work so an interrupted run resumes:
   1. image pools from the generator (the base-model pool excludes the held-out triples; the
@@ -519,17 +519,22 @@ def train_unet(work, latents, scenes, scale, channels, steps, minutes, batch, lr
 
 
 def export(out, vae, unet, te, tok, scale):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     vae.register_to_config(scaling_factor=float(scale))
-    # DDIM carries every SD schedule field loaders read (clip_sample, set_alpha_to_one, steps_offset).
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                          beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
-                          clip_sample=False, prediction_type="epsilon")
+    # SD 1.5's own scheduler file (a PNDMScheduler; clip_sample false added below as the hub file has it), so
+    # that every sampler built from it steps as it does on SD: DDIM/PLMS "leading", DPM-Solver++/UniPC "linspace"
+    sched = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
+    sched_path = os.path.join(out, "scheduler", "scheduler_config.json")
+    with open(sched_path) as f:
+        sched_config = json.load(f)
+    with open(sched_path, "w") as f:
+        json.dump({**sched_config, "clip_sample": False}, f, indent=2)
     tok_dir = os.path.join(out, "tokenizer")
     save_tokenizer_files(tok_dir)
     # tokenizer.json from transformers 5 duplicates vocab/merges (2 MB); the slow files suffice.
