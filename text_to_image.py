@@ -2,8 +2,9 @@
 
     python text_to_image.py --version 1.5 --prompt "a <cat-toy> backpack" --ti_ckpt_path X_ti.ckpt
 
-`--ti_ckpt_path` takes ours/mindone `_ti.ckpt`, diffusers `learned_embeds.safetensors`/`.bin` and
-A1111/kohya `.pt`/`.safetensors` files, several at once. Seeds are framework independent: iteration j
+`--ti_ckpt_path` takes ours/mindone `_ti.ckpt`, diffusers `learned_embeds.safetensors`/`.bin`,
+A1111/kohya `.pt`/`.safetensors` files, A1111 PNG embedding cards and hub concept repo ids
+(sd-concepts-library/cat-toy), several at once. Seeds are framework independent: iteration j
 draws its batch of initial latents from `numpy.random.default_rng(seed + j)` (see ldm/pipeline.py).
 Images go to `{output_path}/samples/NNNNN.png` (numbering continues after existing files, nothing is
 overwritten), with the generation parameters in a `parameters` PNG text chunk (A1111 convention).
@@ -37,7 +38,11 @@ def parse_args(argv=None):
     p.add_argument("--data_path", default=None, help="text file of prompts, one per line")
     p.add_argument("--config", default=None, help="model YAML; unset = the version's config")
     p.add_argument("--ckpt_path", default=None, help="weights: a single-file checkpoint or a diffusers folder")
-    p.add_argument("--ti_ckpt_path", action="append", default=[], help="a Textual Inversion embedding (repeatable)")
+    p.add_argument("--extract_ema", action="store_true",
+                   help="a single file holding EMA and non-EMA UNet weights (v1-5-pruned.ckpt): use the EMA ones "
+                        "(default: the non-EMA ones, as diffusers and A1111 do)")
+    p.add_argument("--ti_ckpt_path", action="append", default=[],
+                   help="a Textual Inversion embedding: a file or a hub concept repo id (repeatable)")
     p.add_argument("--ti_token", action="append", default=[],
                    help="token name for the matching --ti_ckpt_path (default: the file's own, else its stem)")
     p.add_argument("--output_path", default="output", help="folder for samples/ and grids")
@@ -56,12 +61,15 @@ def parse_args(argv=None):
     p.add_argument("--skip_save", action="store_true", help="do not save the individual samples")
     p.add_argument("--mode", type=int, default=0, choices=(0, 1), help="0 graph mode, 1 PyNative")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--clip_skip", type=int, default=1,
+                   help="text encoder layer to read, counted from the end as A1111's 'Clip skip': "
+                        "1 = the last (no skip), 2 = the penultimate, ...")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.data_path is None):
         p.error("give exactly one of --prompt or --data_path")
     if len(args.ti_token) > len(args.ti_ckpt_path):
         p.error("--ti_token needs a matching --ti_ckpt_path")
-    for name in ("n_samples", "n_iter", "sampling_steps"):
+    for name in ("n_samples", "n_iter", "sampling_steps", "clip_skip"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     return args
@@ -110,7 +118,8 @@ def generate(args):
     scale = args.scale if args.scale is not None else (9.0 if args.version.startswith("2") else 7.5)
     sampler = next((flag for flag in SAMPLER_FLAGS if getattr(args, flag)), "dpm_solver")
 
-    sd = StableDiffusion.load(args.version, args.ckpt_path, args.config, args.dtype)
+    sd = StableDiffusion.load(args.version, args.ckpt_path, args.config, args.dtype, clip_skip=args.clip_skip,
+                              use_ema=args.extract_ema)
     f = sd.latent_factor
     if height % f or width % f:
         raise ValueError(f"--H/--W must be multiples of {f} (this VAE downsamples by {f}), got {height}x{width}")
@@ -139,7 +148,9 @@ def generate(args):
                 parameters = (f"{prompt}\nNegative prompt: {args.negative_prompt}\n"
                               f"Steps: {args.sampling_steps}, Sampler: {SAMPLER_FLAGS[sampler]}, CFG scale: {scale}, "
                               f"Seed: {args.seed + j}, Batch pos: {b}, Size: {width}x{height}, Model: {sd.name}, "
-                              f"Version: {args.version}" + (f", Embeddings: {'; '.join(used)}" if used else ""))
+                              f"Version: {args.version}"
+                              + (f", Clip skip: {args.clip_skip}" if args.clip_skip > 1 else "")
+                              + (f", Embeddings: {'; '.join(used)}" if used else ""))
                 path = os.path.join(sample_dir, f"{index:05d}.png")
                 save_png(path, image, parameters)
                 index += 1

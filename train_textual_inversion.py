@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import zipfile
 
 import mindspore as ms
 import numpy as np
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from data.dataset import BatchIterator, DatasetError, TextualInversionDataset
 from ldm.checkpoint_io import CheckpointError, atomic_write
-from ldm.embeddings import save_ti_ckpt
+from ldm.embeddings import save_png_card, save_ti_ckpt
 from ldm.optim import Adam, DynamicLossScale, clip_grad_norm, learning_rate
 from ldm.pipeline import StableDiffusion, image_grid, initial_latents
 from ldm.pretrained import WeightsNotFoundError
@@ -95,15 +96,59 @@ def check_output_writable(path):
         raise ValueError(f"output_path {path} is not writable ({err.strerror}); pass a writable --output_path") from None
 
 
-def find_resume_state(resume, output_path):
+class DamagedStateError(ValueError):
+    """A train state that cannot be read back (truncated by a full disk or a killed copy)."""
+
+
+_STATE_META = ("step", "loss_scale", "rng", "data", "adam_t", "placeholder")
+
+
+def read_state(path):
+    """`(arrays, meta)` of a train_state_*.npz written by `save_state`; DamagedStateError when it is not whole."""
+    try:
+        with np.load(path) as state:
+            arrays = {k: state[k] for k in ("vectors", "m", "v")}
+            meta = json.loads(str(state["meta"]))
+        missing = [k for k in _STATE_META if k not in meta]
+        if missing:
+            raise KeyError(f"meta lacks {', '.join(missing)}")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DamagedStateError(f"{path} is damaged ({type(err).__name__}: {reason})") from None
+    return arrays, meta
+
+
+def load_resume_state(resume, output_path):
+    """`(path, arrays, meta)` of the state to resume from; `latest` skips damaged states, saying so."""
     if resume != "latest":
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume {resume} does not exist; pass a train_state_*.npz file or 'latest'")
-        return resume
+        try:
+            return (resume, *read_state(resume))
+        except DamagedStateError as err:
+            raise DamagedStateError(f"--resume {err}; pass an earlier state or 'latest'") from None
     states = sorted(glob.glob(os.path.join(output_path, "state", "train_state_*.npz")))
     if not states:
         raise FileNotFoundError(f"--resume latest: no train_state_*.npz in {output_path}/state; train without --resume")
-    return states[-1]
+    for path in reversed(states):
+        try:
+            return (path, *read_state(path))
+        except DamagedStateError as err:
+            logger.warning("%s; resuming from the newest readable state before it", err)
+    raise DamagedStateError(f"--resume latest: every train_state_*.npz in {output_path}/state is damaged; "
+                            "train without --resume into a new --output_path")
+
+
+def check_captions_fit(tokenizer, templates, placeholder_string, num_vectors):
+    """Refuse a num_vectors whose expanded placeholder pushes a caption past CLIP's context (it would be cut)."""
+    lengths = {t: len(tokenizer(t.format(placeholder_string), verbose=False)["input_ids"]) for t in templates}
+    longest = max(lengths, key=lengths.get)
+    length = lengths[longest]
+    over = length - tokenizer.model_max_length
+    if over > 0:
+        raise ConfigError(f"num_vectors {num_vectors}: the caption template {longest!r} then takes {length} tokens, "
+                          f"over the text encoder's {tokenizer.model_max_length}; with these templates num_vectors "
+                          f"must be at most {num_vectors - over}")
 
 
 def save_state(path, vectors, optimizer, loss_scale, step, rng, batches, placeholder):
@@ -159,7 +204,8 @@ def train(cfg):
     # --- models: frozen SD, tokenizer with the placeholder tokens --------------------------------------
     weights = os.path.join(cfg.pretrained_model_path, cfg.pretrained_model_file or "") \
         if cfg.pretrained_model_path else None
-    sd = StableDiffusion.load(cfg.version, weights, cfg.model_config, cfg.dtype)
+    sd = StableDiffusion.load(cfg.version, weights, cfg.model_config, cfg.dtype, clip_skip=cfg.clip_skip,
+                             use_ema=cfg.extract_ema)
     placeholder_ids = sd.add_placeholder(cfg.placeholder_token, np.zeros((cfg.num_vectors, sd.embedding_dim)))
     # after adding the placeholder, so that an initializer naming it is refused
     init_ids = initializer_ids(sd.tokenizer, cfg.initializer_token) if cfg.initializer_token else None
@@ -170,8 +216,9 @@ def train(cfg):
                 cfg.placeholder_token, placeholder_ids, cfg.initializer_token or "random (std 0.01)")
 
     # --- data ----------------------------------------------------------------------------------------
-    dataset = TextualInversionDataset.from_config(cfg, " ".join(placeholder_names(cfg.placeholder_token,
-                                                                                  cfg.num_vectors)))
+    placeholder_string = " ".join(placeholder_names(cfg.placeholder_token, cfg.num_vectors))
+    dataset = TextualInversionDataset.from_config(cfg, placeholder_string)
+    check_captions_fit(sd.tokenizer, dataset.templates, placeholder_string, cfg.num_vectors)
     batches = BatchIterator(dataset, cfg.train_batch_size, cfg.seed, rank, world)
     use_cache = cfg.latent_cache == "true" or (cfg.latent_cache == "auto" and dataset.is_augmentation_finite)
     cache = None
@@ -199,14 +246,12 @@ def train(cfg):
     rng = np.random.default_rng([cfg.seed, 2])
     step = 0
     if cfg.resume:
-        path = find_resume_state(cfg.resume, cfg.output_path)
-        with np.load(path) as state:
-            meta = json.loads(str(state["meta"]))
-            if meta["placeholder"] != cfg.placeholder_token or state["vectors"].shape != vectors.shape:
-                raise ValueError(f"--resume {path} trained {meta['placeholder']} with vectors "
-                                 f"{state['vectors'].shape}; this run is {cfg.placeholder_token} {vectors.shape}")
-            vectors = state["vectors"].astype(np.float32)
-            optimizer.load_state_dict({"m": state["m"], "v": state["v"], "t": meta["adam_t"]})
+        path, state, meta = load_resume_state(cfg.resume, cfg.output_path)
+        if meta["placeholder"] != cfg.placeholder_token or state["vectors"].shape != vectors.shape:
+            raise ValueError(f"--resume {path} trained {meta['placeholder']} with vectors "
+                             f"{state['vectors'].shape}; this run is {cfg.placeholder_token} {vectors.shape}")
+        vectors = state["vectors"].astype(np.float32)
+        optimizer.load_state_dict({"m": state["m"], "v": state["v"], "t": meta["adam_t"]})
         loss_scale.load_state_dict(meta["loss_scale"])
         rng.bit_generator.state = meta["rng"]
         batches.load_state_dict(meta["data"])
@@ -247,6 +292,9 @@ def train(cfg):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_write(path) as tmp:
             Image.fromarray(image_grid(images)).save(tmp, format="PNG")
+        # the first image as an A1111 embedding card: the embedding inside, loadable by A1111 and by us
+        card = os.path.join(weights_dir, f"SDv{cfg.version}_textual_inversion_{at_step}_ti.png")
+        save_png_card(card, images[0], cfg.placeholder_token, vectors, at_step, sd.name)
 
     # Ctrl-C / SIGTERM: finish the current step, save a resumable state, exit.
     stop = {}

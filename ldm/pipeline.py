@@ -19,7 +19,7 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from ldm import samplers
-from ldm.convert import build_pretrained
+from ldm.convert import _read_json, build_pretrained
 from ldm.models import load_model_config
 from ldm.pretrained import get_version, resolve_weights
 from ldm.schedule import make_alphas_cumprod
@@ -45,8 +45,10 @@ class VAEGraph(nn.Cell):
 
 
 class StableDiffusion:
-    def __init__(self, config, unet, vae, text_encoder, tokenizer, name=""):
+    def __init__(self, config, unet, vae, text_encoder, tokenizer, name="", scheduler_settings=None):
         self.config = config
+        # {sampler: samplers.SchedulerSettings} from the model's scheduler config; unset = SD's own
+        self.scheduler_settings = scheduler_settings or samplers.scheduler_settings()
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer = tokenizer
         self.name = name
@@ -65,11 +67,15 @@ class StableDiffusion:
         self._decode = VAEGraph(vae, decode=True)
 
     @classmethod
-    def load(cls, version, weights=None, model_config=None, dtype="fp32"):
+    def load(cls, version, weights=None, model_config=None, dtype="fp32", clip_skip=1, use_ema=False):
         """Load `version`'s weights (or `weights`: a file or diffusers folder) into frozen cells.
 
         model_config: a model YAML; unset = the version's config, except that a diffusers folder's own
         config.json files win.
+        clip_skip: the text encoder layer prompts are read from, counted from the end (A1111's "CLIP stop
+        at last layers"): 1 = the last, 2 = the penultimate, ...; fixed for the model's lifetime.
+        use_ema: the UNet from a single file's EMA copies (`model_ema.*`, e.g. v1-5-pruned.ckpt) instead of
+        its non-EMA weights (the default, as diffusers and A1111 load such files).
         """
         path = resolve_weights(version, weights)
         if model_config:
@@ -78,14 +84,21 @@ class StableDiffusion:
             config = None  # the folder's config.json files describe it
         else:
             config = load_model_config(get_version(version).config_path)
-        config, (unet, vae, text_encoder), layout = build_pretrained(path, config, DTYPES[dtype])
+        # a diffusers folder's scheduler config decides how each sampler steps, as diffusers' from_config
+        # does; single files (no such file under them) sample with SD's own
+        scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
+        settings = (samplers.scheduler_settings(_read_json(scheduler_file), scheduler_file)
+                    if os.path.isfile(scheduler_file) else None)
+        config, (unet, vae, text_encoder), layout = build_pretrained(path, config, DTYPES[dtype], use_ema)
+        text_encoder.set_clip_skip(clip_skip)
         # a diffusers folder's own tokenizer files win; otherwise the shipped CLIP vocabulary
         tokenizer_dir = os.path.join(path, "tokenizer")
         if not os.path.isfile(os.path.join(tokenizer_dir, "vocab.json")):
             tokenizer_dir = None
         tokenizer = load_tokenizer(tokenizer_dir, pad_token=config.text_encoder.pad_token)
         logger.info("loaded %s (%s layout) from %s", version, layout, path)
-        return cls(config, unet, vae, text_encoder, tokenizer, name=os.path.basename(os.path.normpath(path)))
+        return cls(config, unet, vae, text_encoder, tokenizer, name=os.path.basename(os.path.normpath(path)),
+                   scheduler_settings=settings)
 
     # --- placeholder tokens ---------------------------------------------------------------------------
 
@@ -142,7 +155,8 @@ class StableDiffusion:
             return uncond + scale * (cond - uncond)
 
         z = samplers.sample(sampler, model_fn, np.asarray(latents, np.float32), self.alphas_cumprod, steps,
-                            parameterization=self.config.parameterization, eta=eta, rng=rng)
+                            parameterization=self.config.parameterization, eta=eta, rng=rng,
+                            settings=self.scheduler_settings.get(sampler))
         images = self.decode_latents(z)
         return (images, z) if return_latents else images
 

@@ -80,6 +80,11 @@ class TrainConfig:
     model_config: Optional[str] = _opt(None, "model YAML; unset = the version's default")
     pretrained_model_path: Optional[str] = _opt(None, "weights file or folder; unset = models/ then the Hub")
     pretrained_model_file: Optional[str] = _opt(None, "weights file name inside pretrained_model_path")
+    extract_ema: bool = _opt(False, "a single file with EMA and non-EMA UNet weights (v1-5-pruned.ckpt): train on "
+                                    "the EMA ones (diffusers' converter flag); false = the non-EMA ones, as diffusers "
+                                    "and A1111 load such files")
+    clip_skip: int = _opt(1, "text encoder layer the captions are read from, counted from the end as A1111's "
+                             "'Clip skip': 1 = the last (no skip), 2 = the penultimate; sample with the same value")
     # output, logging, validation
     output_path: str = _opt("output", "folder for embeddings, logs, samples and the resolved config")
     ckpt_save_interval: int = _opt(600, "save the embedding every N steps")
@@ -126,6 +131,7 @@ class TrainConfig:
         if self.initializer_token is not None:
             need(self.initializer_token.strip() != "", "initializer_token must not be empty (unset it instead)")
         need(self.num_vectors >= 1, f"num_vectors has to be >= 1, got {self.num_vectors}")
+        need(self.clip_skip >= 1, f"clip_skip has to be >= 1 (1 = the text encoder's last layer), got {self.clip_skip}")
         need(self.train_data_repeats >= 1, f"train_data_repeats has to be >= 1, got {self.train_data_repeats}")
         need(self.image_size >= 8 and self.image_size % 8 == 0,
              f"image_size must be a positive multiple of 8 (the VAE downsamples by 8), got {self.image_size}")
@@ -170,7 +176,7 @@ IGNORED_MINDONE_KEYS = {
     "num_workers": "ModelArts only",
     "callback_size": "not used by this script",
     "sample_batch_size": "not used by this script",
-    "use_ema": "EMA is not used for the few trained vectors",
+    "use_ema": "EMA is not used for the few trained vectors (extract_ema picks a file's EMA UNet weights)",
     "overflow_still_update": "not configurable here",
     "log_level": "not configurable here",
 }

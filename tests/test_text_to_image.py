@@ -1,8 +1,9 @@
 """Sampling end to end: our pipeline against diffusers' StableDiffusionPipeline, and the text_to_image CLI.
 
 References (tests/fixtures/pipelines.npz, tools/make_pipeline_fixtures.py) are diffusers' decoded images
-from the same initial latents, prompt, negative prompt and guidance scale; every sampler must reproduce
-them to 1/255 in graph mode, for an eps (tiny-sd1) and a v-prediction (tiny-sd2-v) model.
+from the same initial latents, prompt, negative prompt and guidance scale, each scheduler made `from_config`
+of the model folder's scheduler_config.json; every sampler must reproduce them to 1/255 in graph mode, for
+an eps (tiny-sd1) and a v-prediction (tiny-sd2-v) model.
 
 Graph mode compiles once per cell and input shape, so everything here samples the same batch of 2 at the
 same size, and the CLI runs reuse the cells loaded once per model (see `cli`).
@@ -62,11 +63,13 @@ def cli(models, monkeypatch):
     """
     loads = []
 
-    def load(version, weights=None, model_config=None, dtype="fp32"):
+    def load(version, weights=None, model_config=None, dtype="fp32", clip_skip=1, use_ema=False):
+        assert clip_skip == 1, "the shared text encoder is compiled without clip skip"
         base = models(weights)
         sd = StableDiffusion(base.config, base.unet, base.vae, base.text_encoder,
-                             load_tokenizer(pad_token=base.config.text_encoder.pad_token), name=base.name)
-        loads.append(((version, weights, model_config, dtype), sd))
+                             load_tokenizer(pad_token=base.config.text_encoder.pad_token), name=base.name,
+                             scheduler_settings=base.scheduler_settings)
+        loads.append(((version, weights, model_config, dtype, use_ema), sd))
         return sd
 
     monkeypatch.setattr(StableDiffusion, "load", load)
@@ -107,7 +110,7 @@ def test_cli_writes_numbered_samples_matching_diffusers_then_continues_with_an_e
     common = ["--ckpt_path", TINY_SD1, "--version", "1.5", "--H", str(SIZE), "--W", str(SIZE), "--sampling_steps",
               str(ref["steps"]), "--n_samples", str(N), "--output_path", str(out), "--negative_prompt", negative]
     assert cli(*common, "--prompt", prompt) == 0
-    assert cli.loads[0][0] == ("1.5", TINY_SD1, None, "fp32")
+    assert cli.loads[0][0] == ("1.5", TINY_SD1, None, "fp32", False)
     samples = out / "samples"
     assert sorted(os.listdir(samples)) == ["00000.png", "00001.png"]
     assert sorted(os.listdir(out)) == ["grid-0000.png", "samples"]
@@ -117,7 +120,7 @@ def test_cli_writes_numbered_samples_matching_diffusers_then_continues_with_an_e
         size, parameters = _parameters(samples / f"0000{b}.png")
         assert size == (SIZE, SIZE)
         assert parameters == (
-            f"{prompt}\nNegative prompt: {negative}\nSteps: 3, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, "
+            f"{prompt}\nNegative prompt: {negative}\nSteps: {ref['steps']}, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, "
             f"Batch pos: {b}, Size: {SIZE}x{SIZE}, Model: tiny-sd1, Version: 1.5")
         assert _max_diff(np.asarray(Image.open(samples / f"0000{b}.png")), ref["tiny-sd1.dpm_solver.images"][b]) <= 1
     with Image.open(out / "grid-0000.png") as grid:

@@ -5,6 +5,7 @@ barely depends on the text. Here: the gradient, that nothing but the vectors mov
 outputs, resume, and every bad input.
 """
 
+import logging
 import os
 import signal
 import subprocess
@@ -17,8 +18,11 @@ import pytest
 from PIL import Image
 
 import train_textual_inversion as T
+from data.dataset import get_templates
 from ldm.embeddings import load_embedding
 from ldm.pipeline import StableDiffusion
+from ldm.tokenizer import add_placeholder_tokens, placeholder_names
+from ldm.train_config import ConfigError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "examples", "purple_star")
@@ -90,16 +94,23 @@ def test_only_the_vectors_change(sd, batch, grad_fn):
     assert all(not p.requires_grad for c in cells.values() for p in c.get_parameters())
 
 
-def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path):
+def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog, capsys):
     common = ["--num_vectors", "2", "--gradient_accumulation_steps", "2", "--train_batch_size", "2",
               "--scheduler", "linear", "--start_learning_rate", "5e-3", "--decay_steps", "4",
               "--ckpt_save_interval", "2"]
-    assert run(tmp_path, *common, "--max_steps", "4", output="full") == 0
+    validation = ["--validation_prompt", "a photo of <my-shape>", "--validation_steps", "4",
+                  "--num_validation_images", "1"]
+    assert run(tmp_path, *common, "--max_steps", "4", *validation, output="full") == 0
     full = tmp_path / "full"
-    ckpts = sorted(os.listdir(full / "weights"))
+    ckpts = sorted(f for f in os.listdir(full / "weights") if f.endswith(".ckpt"))
     assert ckpts == ["SDv1.5_textual_inversion_2_ti.ckpt", "SDv1.5_textual_inversion_4_ti.ckpt"]
     emb = load_embedding(str(full / "weights" / ckpts[1]))
     assert emb.token == "<my-shape>" and emb.vectors.shape == (2, 6)
+    # the validation image as an A1111 embedding card holding the same vectors
+    assert sorted(os.listdir(full / "validation")) == ["step_0000004.png"]
+    card = load_embedding(str(full / "weights" / "SDv1.5_textual_inversion_4_ti.png"))
+    assert card.token == "<my-shape>" and card.source_format == "a1111_card"
+    np.testing.assert_array_equal(card.vectors, emb.vectors)
     first = load_embedding(str(full / "weights" / ckpts[0]))
     assert not np.array_equal(first.vectors, emb.vectors)
     log = (full / "loss_log.csv").read_text().splitlines()
@@ -115,6 +126,32 @@ def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path):
     resumed = load_embedding(str(tmp_path / "split" / "weights" / ckpts[1]))
     np.testing.assert_allclose(resumed.vectors, emb.vectors, rtol=0, atol=1e-7)
     assert len((tmp_path / "split" / "loss_log.csv").read_text().splitlines()) == 5
+
+    # the newest state cut short (disk full, a killed copy): latest resumes from the readable one before it
+    newest = tmp_path / "split" / "state" / "train_state_0000004.npz"
+    newest.write_bytes(newest.read_bytes()[:300])
+    with caplog.at_level(logging.WARNING):
+        assert run(tmp_path, *common, "--max_steps", "4", "--resume", "latest", output="split") == 0
+    assert any(str(newest) in r.message and "damaged" in r.message for r in caplog.records)
+    again = load_embedding(str(tmp_path / "split" / "weights" / ckpts[1]))
+    np.testing.assert_allclose(again.vectors, emb.vectors, rtol=0, atol=1e-7)
+    # named explicitly, a damaged state is an error naming it
+    newest.write_bytes(b"PK\x03\x04 cut short")
+    _expect_error(capsys, run(tmp_path, *common, "--max_steps", "4", "--resume", str(newest), output="split"),
+                  str(newest), "damaged")
+
+
+def test_captions_must_fit_the_context():
+    # 80 vectors make every object caption longer than CLIP's 77 tokens: refused, naming the largest count that fits
+    tokenizer = StableDiffusion.load("1.5", FIXTURE).tokenizer
+    templates = get_templates("object")
+    names = add_placeholder_tokens(tokenizer, "<t>", 80) and placeholder_names("<t>", 80)
+    with pytest.raises(ConfigError, match="num_vectors 80: the caption template .* at most") as err:
+        T.check_captions_fit(tokenizer, templates, " ".join(names), 80)
+    limit = int(str(err.value).rsplit(" ", 1)[1])
+    T.check_captions_fit(tokenizer, templates, " ".join(names[:limit]), limit)
+    with pytest.raises(ConfigError):
+        T.check_captions_fit(tokenizer, templates, " ".join(names[:limit + 1]), limit + 1)
 
 
 def _image_dir(tmp_path, name, files):
@@ -135,6 +172,7 @@ def _expect_error(capsys, code, *needles):
 
 @pytest.mark.parametrize("args, needles", [
     (["--num_vectors", "0"], ["num_vectors"]),
+    (["--num_vectors", "80"], ["num_vectors 80", "at most"]),
     (["--learning_rate", "1e-4"], ["learning_rate", "start_learning_rate"]),
     (["--max_steps", "many"], ["max_steps"]),
     (["--initializer_token", "<my-shape>"], ["<my-shape>", "placeholder"]),

@@ -3,6 +3,11 @@
 One class for both flavours: SD1 (OpenAI CLIP ViT-L/14, quick_gelu, 12 layers) and SD2 (OpenCLIP
 ViT-H/14 text tower converted to HF names, exact gelu, the first 23 of 24 layers: SD2 conditions on
 the penultimate layer's output passed through the final layer norm).
+
+Clip skip (`CLIPTextModel.set_clip_skip`) counts as A1111's "CLIP stop at last layers" and kohya's
+`clip_skip`: 1 = the model's last layer, N = the output of the N-th layer from the end, always passed
+through the final layer norm. diffusers' `clip_skip` is this minus one. For SD2 the count starts at the
+23rd OpenCLIP layer, the one SD2 conditions on (as diffusers' 23-layer SD2 text encoders do).
 """
 import numpy as np
 import mindspore as ms
@@ -100,9 +105,11 @@ class CLIPEncoder(nn.Cell):
         self.layers = nn.CellList([
             CLIPEncoderLayer(width, heads, intermediate_size, use_quick_gelu, epsilon, dtype=dtype)
             for _ in range(layers)])
+        # how many of the layers run (clip skip); graph mode compiles it in as a constant
+        self.num_used_layers = layers
 
     def construct(self, x, mask):
-        for layer in self.layers:
+        for layer in self.layers[:self.num_used_layers]:
             x = layer(x, mask)
         return x
 
@@ -127,7 +134,7 @@ class CLIPTextTransformer(nn.Cell):
 
 class CLIPTextModel(nn.Cell):
     """`construct(input_ids [B, L] int, extra_embeddings [N, D] or None) -> [B, L, D]` (float32),
-    the last hidden state after the final layer norm."""
+    the hidden state of the layer `clip_skip` selects (the last by default) after the final layer norm."""
 
     def __init__(self, vocab_size=49408, context_length=77, width=768, layers=12, heads=12,
                  intermediate_size=3072, use_quick_gelu=True, epsilon=1e-5, dtype=ms.float32):
@@ -136,6 +143,17 @@ class CLIPTextModel(nn.Cell):
         self.width = width
         self.text_model = CLIPTextTransformer(vocab_size, context_length, width, layers, heads, intermediate_size,
                                               use_quick_gelu, epsilon, dtype=dtype)
+        self.clip_skip = 1
+
+    def set_clip_skip(self, clip_skip):
+        """Read the output of the `clip_skip`-th layer from the end (1 = the last). Call it before the
+        first call: a compiled graph keeps the layer count it was compiled with."""
+        layers = len(self.text_model.encoder.layers)
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip {clip_skip}: this text encoder has {layers} layers; use --clip_skip "
+                             f"1 (the last layer, no skip) to {layers}")
+        self.clip_skip = clip_skip
+        self.text_model.encoder.num_used_layers = layers - (clip_skip - 1)
 
     def construct(self, input_ids, extra_embeddings=None):
         return self.text_model(input_ids, extra_embeddings)
