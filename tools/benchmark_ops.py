@@ -3,8 +3,9 @@
     python tools/benchmark_ops.py [--repeat 3] [--device CPU]
 
 Prints a markdown table (forward and forward+backward milliseconds, PyNative, float32) of the shapes
-SD's UNet runs at 256 px (32x32 latents, 320 channels), and of its largest attention at 512 px. The
-numbers in docs/performance.md come from here.
+SD's UNet runs at 256 px (32x32 latents, 320 channels), and of its largest attention at 512 px, after
+the machine's load and MindSpore's threads and matmul peak (as tools/benchmark_train_step.py measures
+them). The numbers in docs/performance.md come from here.
 """
 import argparse
 import os
@@ -18,7 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, ops  # noqa: E402
 
+from benchmark_train_step import mindspore_matmul_peak  # noqa: E402
 from ldm.modules import layers  # noqa: E402
+from torch_baseline import machine_load  # noqa: E402
 
 
 def _block(out):
@@ -98,8 +101,11 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="CPU")
     args = parser.parse_args()
+    load = machine_load()
     ms.set_device(args.device)
     ms.set_context(mode=ms.PYNATIVE_MODE)
+    peak = mindspore_matmul_peak()
+    print(f"{load}; MindSpore fp32 matmul peak 2048^3: {peak['flops'] / 1e9:.1f} GFLOP/s on {peak['threads']} threads")
 
     print("| op | native fwd ms | alternative fwd ms | native fwd+bwd ms | alternative fwd+bwd ms | layers.py uses |")
     print("|---|---:|---:|---:|---:|---|")

@@ -1,36 +1,48 @@
 """Seconds per image of each sampler at equal steps: ours (MindSpore) against diffusers on the same weights.
 
-    python tools/benchmark_sampling.py --model tiny --size 128 --steps 20
+    python tools/benchmark_sampling.py --model tiny --size 128 --steps 20 --torch-python PY
 
 One image per sampler run, classifier-free guidance 7.5 (the UNet sees a batch of 2), timed from token
-ids to uint8 image: text encoder, the sampler's UNet evaluations, VAE decode. Both sides start from the
-same initial latents and token ids, and each sampler's images are compared (max abs uint8 difference),
-so the two sides are checked to do the same work.
+ids to uint8 image: text encoder, the sampler's UNet evaluations, VAE decode; the median of `--runs`
+runs per sampler after a warm-up run on each side. Both sides start from the same initial latents and
+token ids, and each sampler's images are compared (max abs uint8 difference).
+
+The diffusers side runs in a child process of an interpreter with torch (`--torch-python` or
+TORCH_PYTHON, see tools/torch_baseline.py), on as many threads as ours. A sampler's ratio is printed
+only if both sides ran their matmul on the same number of threads and its images are within
+IMAGE_TOLERANCE / 255 of each other.
 
 Weights: `--weights` (a diffusers folder, e.g. models/tiny-sd), else random weights that the torch side
 creates as a diffusers folder for the model's config (`tiny` = configs/tiny-inference.yaml, `sd15` =
-configs/v1-inference.yaml). Without torch/diffusers in `--torch-python` (or with `--no-baseline`), only
-our side runs, on random weights of our own.
+configs/v1-inference.yaml). Without a baseline (no interpreter, or `--no-baseline`), only our side runs,
+on random weights of our own.
 """
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_train_step import (TORCH_PYTHON, diffusers_configs, model_config, scratch_dir,  # noqa: E402
-                                  torch_available)
+from benchmark_train_step import (diffusers_configs, mindspore_matmul_peak, model_config,  # noqa: E402
+                                  scratch_dir)
+from torch_baseline import (add_arguments, machine_load, matmul_peak, run_child, set_torch_threads,  # noqa: E402
+                            thread_mismatch, torch_python)
 
 SAMPLERS = ("ddim", "plms", "dpm_solver", "uni_pc")
 PROMPT = "a photo of a purple star on a yellow background"
 GUIDANCE = 7.5
-# SD's scheduler_config.json (a PNDMScheduler); the others are made from its config as pipelines do
+# SD's scheduler_config.json (a PNDMScheduler that also says clip_sample false, as the SD 1.5 hub file does);
+# both sides make every sampler from the folder's file, as pipelines do
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True)
+# the fewest steps every sampler takes on any folder (PLMS with Runge-Kutta warm-up steps needs 4)
+WARMUP_STEPS = 4
+# "same work": uint8 images may differ by rounding at a .5 boundary, a wrong sampler by far more
+IMAGE_TOLERANCE = 1
 
 
 def diffusers_vae_config(cfg):
@@ -41,6 +53,16 @@ def diffusers_vae_config(cfg):
                 down_block_types=["DownEncoderBlock2D"] * len(channels),
                 up_block_types=["UpDecoderBlock2D"] * len(channels), sample_size=v.resolution,
                 scaling_factor=cfg.scale_factor)
+
+
+def median_run(sample, runs, *args, **kwargs):
+    """(median seconds of `runs` calls of `sample(*args, **kwargs)`, the last call's image)."""
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        image = sample(*args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), image
 
 
 # ---------------------------------------------------------------------------------------------- torch side
@@ -57,6 +79,11 @@ def make_folder(spec):
     AutoencoderKL(**spec["vae"]).save_pretrained(os.path.join(folder, "vae"))
     CLIPTextModel(CLIPTextConfig(**spec["text"])).save_pretrained(os.path.join(folder, "text_encoder"))
     PNDMScheduler(**SCHEDULER).save_pretrained(os.path.join(folder, "scheduler"))
+    config_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "clip_sample": False}, f, indent=2)
 
 
 def torch_side(spec_path, out_path):
@@ -65,6 +92,7 @@ def torch_side(spec_path, out_path):
                            StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler)
     from transformers import CLIPTextModel
 
+    result = {"torch_threads": set_torch_threads(), "seconds": {}, "images": {}}
     spec = json.load(open(spec_path))
     folder = spec["folder"]
     inputs = np.load(spec["inputs"])
@@ -75,12 +103,11 @@ def torch_side(spec_path, out_path):
         unet=UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), **fp32), scheduler=None,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    base = PNDMScheduler(**SCHEDULER)
-    # SD's released config says clip_sample false; PNDM has no such setting, DDIM defaults it to true
-    schedulers = {"ddim": DDIMScheduler.from_config(base.config, clip_sample=False),
-                  "plms": PNDMScheduler.from_config(base.config),
-                  "dpm_solver": DPMSolverMultistepScheduler.from_config(base.config, algorithm_type="dpmsolver++"),
-                  "uni_pc": UniPCMultistepScheduler.from_config(base.config)}
+    # what a user gets from `X.from_config(pipe.scheduler.config)`: the folder's file, each class's defaults
+    config = PNDMScheduler.load_config(folder, subfolder="scheduler")
+    schedulers = {"ddim": DDIMScheduler.from_config(config), "plms": PNDMScheduler.from_config(config),
+                  "dpm_solver": DPMSolverMultistepScheduler.from_config(config),
+                  "uni_pc": UniPCMultistepScheduler.from_config(config)}
     cond_ids, uncond_ids = torch.from_numpy(inputs["cond"]).long(), torch.from_numpy(inputs["uncond"]).long()
 
     def generate(steps):
@@ -92,14 +119,13 @@ def torch_side(spec_path, out_path):
                          output_type="np").images
         return (image * 255).round().astype(np.uint8)
 
-    result = {"seconds": {}, "images": {}}
     for name in spec["samplers"]:
         pipe.scheduler = schedulers[name]
-        generate(2)
-        start = time.perf_counter()
-        image = generate(spec["steps"])
-        result["seconds"][name] = time.perf_counter() - start
+        generate(WARMUP_STEPS)
+        result["seconds"][name], image = median_run(generate, spec["runs"], spec["steps"])
         result["images"][name] = image.tolist()
+    peak = matmul_peak(torch.mm, torch.from_numpy)
+    result["matmul_peak"], result["threads"] = peak["flops"], peak["threads"]
     with open(out_path, "w") as f:
         json.dump(result, f)
 
@@ -118,11 +144,38 @@ def ours(args, folder, version, inputs):
         sd = StableDiffusion(cfg, *build_models(cfg), load_tokenizer(None, pad_token=cfg.text_encoder.pad_token))
     seconds, images = {}, {}
     for name in args.samplers:
-        sd.sample([PROMPT], inputs["latents"], sampler=name, steps=2, scale=GUIDANCE)
-        start = time.perf_counter()
-        images[name] = sd.sample([PROMPT], inputs["latents"], sampler=name, steps=args.steps, scale=GUIDANCE)
-        seconds[name] = time.perf_counter() - start
+        sd.sample([PROMPT], inputs["latents"], sampler=name, steps=WARMUP_STEPS, scale=GUIDANCE)
+        seconds[name], images[name] = median_run(sd.sample, args.runs, [PROMPT], inputs["latents"], sampler=name,
+                                                  steps=args.steps, scale=GUIDANCE)
     return seconds, images, sd.token_ids([PROMPT]), sd.token_ids([""])
+
+
+def report(args, mine, theirs, load):
+    """Print the table; a sampler's ratio only when the threads are equal and its images agree."""
+    print(f"\n{load}\n{args.model} {args.size} px, {args.steps} steps, CFG {GUIDANCE}, 1 image, "
+          f"median of {args.runs} runs, mode {args.mode}"
+          f"{', weights ' + args.weights if args.weights else ', random weights'}")
+    print(f"fp32 matmul peak 2048^3, GFLOP/s (threads): MindSpore {mine['matmul_peak'] / 1e9:.1f} ({mine['threads']})"
+          + (f", PyTorch {theirs['matmul_peak'] / 1e9:.1f} ({theirs['threads']}; torch.get_num_threads() "
+             f"{theirs['torch_threads']})" if theirs else ""))
+    threads = theirs and thread_mismatch(mine, theirs)
+    print("| sampler | ours s/image | diffusers s/image | ours / diffusers | image max abs diff (uint8) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.samplers:
+        row = f"| {name} | {mine['seconds'][name]:.2f} |"
+        if theirs:
+            t = theirs["seconds"][name]
+            diff = np.abs(mine["images"][name].astype(int) - np.array(theirs["images"][name])).max()
+            ratio = "-" if threads or diff > IMAGE_TOLERANCE else f"{mine['seconds'][name] / t:.2f}"
+            row += f" {t:.2f} | {ratio} | {diff} |"
+        else:
+            row += " - | - | - |"
+        print(row)
+    if threads:
+        print(f"no ratio: {threads}")
+    elif theirs:
+        print(f"ratios: both sides on {mine['threads']} threads, for the samplers whose images differ by at most "
+              f"{IMAGE_TOLERANCE}/255")
 
 
 def main():
@@ -131,10 +184,10 @@ def main():
     parser.add_argument("--size", type=int, default=128, help="image size in pixels")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per sampler and side (the median is shown)")
     parser.add_argument("--mode", type=int, choices=(0, 1), default=0, help="0 graph, 1 PyNative")
     parser.add_argument("--weights", help="a diffusers folder (default: random weights)")
-    parser.add_argument("--no-baseline", action="store_true")
-    parser.add_argument("--torch-python", default=TORCH_PYTHON)
+    add_arguments(parser)
     parser.add_argument("--work", help="folder for the random-weight diffusers folder (default: a temporary one)")
     parser.add_argument("--torch-side", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--make-folder", metavar="SPEC", help=argparse.SUPPRESS)
@@ -143,6 +196,7 @@ def main():
         return torch_side(*args.torch_side)
     if args.make_folder:
         return make_folder(json.load(open(args.make_folder)))
+    load, python = machine_load(), torch_python(args)
 
     import mindspore as ms
 
@@ -152,46 +206,34 @@ def main():
     ms.set_context(mode=args.mode)
     cfg = model_config(args.model)
     version = {"tiny": "tiny", "sd15": "1.5"}[args.model]
-    baseline = not args.no_baseline and torch_available(args.torch_python)
     latents = initial_latents(0, 1, args.size, args.size, cfg.unet.in_channels)
+    # measured before the baseline runs: its thread count is the baseline's
+    peak = mindspore_matmul_peak()
+    mine = {"matmul_peak": peak["flops"], "threads": peak["threads"]}
     with scratch_dir(args.work) as work:
-        folder = args.weights or (os.path.join(work, "model") if baseline else None)
+        folder = args.weights or (os.path.join(work, "model") if python else None)
         theirs = None
-        if baseline and not args.weights:
+        if python and not args.weights:
             unet, text = diffusers_configs(cfg)
             spec = dict(folder=folder, unet=unet, text=text, vae=diffusers_vae_config(cfg))
             with open(os.path.join(work, "make.json"), "w") as f:
                 json.dump(spec, f)
-            subprocess.run([args.torch_python, os.path.abspath(__file__), "--make-folder",
-                            os.path.join(work, "make.json")], check=True)
+            run_child(python, [os.path.abspath(__file__), "--make-folder", os.path.join(work, "make.json")],
+                      mine["threads"])
         # token ids come from our tokenizer: our side runs first
-        seconds, images, cond, uncond = ours(args, folder, version, dict(latents=latents))
-        if baseline:
+        mine["seconds"], mine["images"], cond, uncond = ours(args, folder, version, dict(latents=latents))
+        if python:
             inputs_path = os.path.join(work, "inputs.npz")
             np.savez(inputs_path, latents=latents, cond=cond, uncond=uncond)
-            spec = dict(folder=folder, inputs=inputs_path, size=args.size, steps=args.steps,
+            spec = dict(folder=folder, inputs=inputs_path, size=args.size, steps=args.steps, runs=args.runs,
                         samplers=args.samplers)
             spec_path, out_path = os.path.join(work, "spec.json"), os.path.join(work, "torch_result.json")
             with open(spec_path, "w") as f:
                 json.dump(spec, f)
-            subprocess.run([args.torch_python, os.path.abspath(__file__), "--torch-side", spec_path, out_path],
-                           check=True)
+            run_child(python, [os.path.abspath(__file__), "--torch-side", spec_path, out_path], mine["threads"])
             with open(out_path) as f:
                 theirs = json.load(f)
-
-    print(f"\n{args.model} {args.size} px, {args.steps} steps, CFG {GUIDANCE}, 1 image, mode {args.mode}"
-          f"{', weights ' + args.weights if args.weights else ', random weights'}")
-    print("| sampler | ours s/image | diffusers s/image | ours / diffusers | image max abs diff (uint8) |")
-    print("|---|---:|---:|---:|---:|")
-    for name in args.samplers:
-        row = f"| {name} | {seconds[name]:.2f} |"
-        if theirs:
-            t = theirs["seconds"][name]
-            diff = np.abs(images[name].astype(int) - np.array(theirs["images"][name])).max()
-            row += f" {t:.2f} | {seconds[name] / t:.2f} | {diff} |"
-        else:
-            row += " - | - | - |"
-        print(row)
+    report(args, mine, theirs, load)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ noising, UNet, MSE) under `ms.value_and_grad(loss_net, grad_position=0)`, i.e. t
 Models have random weights: `tiny` (configs/tiny-inference.yaml), `small` (an SD-shaped UNet at 128
 channels with the full 12-layer CLIP text encoder, defined below), `sd15`, `sd21`.
 
-The baseline runs in a subprocess of the torch venv (`--torch-python`; skipped when torch, diffusers or
-transformers do not import there, `--no-baseline` skips it too): diffusers `UNet2DConditionModel` +
-transformers `CLIPTextModel` built from the same config, whose random weights are saved (diffusers
-names) and loaded into our cells through `ldm.convert`, so both sides run identical weights on identical
-inputs. Its placeholder vectors are a leaf tensor spliced into the token embeddings like ours, the only
-tensor that requires grad. Losses and gradients of both sides are compared as a check of "same work".
+The baseline runs in a child process of an interpreter with torch (`--torch-python` or TORCH_PYTHON,
+see tools/torch_baseline.py; without one, or with `--no-baseline`, only our side runs), on as many
+threads as ours: diffusers `UNet2DConditionModel` + transformers `CLIPTextModel` built from the same
+config, whose random weights are saved (diffusers names) and loaded into our cells through
+`ldm.convert`, so both sides run identical weights on identical inputs. Its placeholder vectors are a
+leaf tensor spliced into the token embeddings like ours, the only tensor that requires grad. A ratio
+ours / theirs is printed only if both sides ran their matmul on the same number of threads and did the
+same work: losses within LOSS_RTOL and gradients within GRAD_RTOL of the largest gradient entry.
 
 Reported per side: median step time after warm-up, first-call time minus the median (graph compile,
 kernel selection, first allocations), the forward alone (so backward / forward is visible), the UNet
@@ -24,14 +26,14 @@ cross-checked against torch's FlopCounterMode on diffusers' forward, which does 
 A weight x activation product (conv, linear) costs its forward once more in backward (the input
 gradient only: no weight gets a gradient), an activation x activation product (attention) twice more;
 norms and elementwise ops are not counted. The machine's fp32 peak is measured in the same run (best of
-a 2048^3 matmul in numpy, MindSpore and torch), so FLOP/s reads as a fraction of it.
+a 2048^3 matmul in numpy, MindSpore and torch, each with the threads it ran on), so FLOP/s reads as a
+fraction of it.
 """
 import argparse
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,10 +41,12 @@ import time
 
 import numpy as np
 
+from torch_baseline import (add_arguments, machine_load, matmul_peak, run_child, set_torch_threads, thread_mismatch,
+                            torch_python)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TORCH_PYTHON = "/work/devvenv/bin/python"
 NUM_VECTORS = 2
 CAPTION_IDS = [49406, 320, 1125, 539]  # <|startoftext|> a photo of, then the placeholder tokens
 EOS = 49407
@@ -50,6 +54,10 @@ EOS = 49407
 # full 12-layer OpenAI CLIP text encoder) at 128 instead of 320 base channels and 3 levels instead of 4.
 SMALL_UNET = dict(model_channels=128, channel_mult=(1, 2, 4), attention_resolutions=(1, 2, 4), num_res_blocks=2,
                   num_heads=8, context_dim=768)
+# "same work": fp32 sums in a different order (im2col GEMMs vs oneDNN convolutions, other reductions)
+# differ by ~1e-6 relative; a wrong weight, input or schedule differs by far more
+LOSS_RTOL = 1e-4
+GRAD_RTOL = 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -214,18 +222,19 @@ def time_calls(fn, repeat, warmup):
     return first, statistics.median(times), rss.peak
 
 
-def matmul_peak(matmul, n=2048, repeat=5):
-    """Best FLOP/s of an n^3 float32 matmul; `matmul(a, b)` must return once the product is computed."""
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    matmul(a, a)
-    best = min(_timed(matmul, a, a) for _ in range(repeat))
-    return 2 * n ** 3 / best
+def mindspore_matmul_peak():
+    """`matmul_peak` of MindSpore's matmul in a graph, as the step's and the samplers' kernels run."""
+    import mindspore as ms
+    from mindspore import Tensor, ops
 
+    @ms.jit
+    def matmul(a, b):
+        return ops.matmul(a, b)
 
-def _timed(fn, *args):
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+    # oneDNN runs the kernels on the runtime pool (ONEDNN_VERBOSE: "threadpool, nthr:2" on 2 cores); the
+    # frontend queue thread also takes CPU while a graph runs, but runs no kernel
+    return matmul_peak(lambda a, b: matmul(a, b).asnumpy(), Tensor,
+                       pool=lambda name: name.startswith(("ActorThread", "KernelThread")))
 
 
 # ---------------------------------------------------------------------------------------------- torch side
@@ -238,6 +247,7 @@ def torch_side(spec_path, out_path):
     from transformers import CLIPTextConfig, CLIPTextModel
     from torch.utils.flop_counter import FlopCounterMode
 
+    result = {"torch_threads": set_torch_threads()}
     spec = json.load(open(spec_path))
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**spec["unet"]).eval()
@@ -279,8 +289,6 @@ def torch_side(spec_path, out_path):
         target = a * inputs["noise"] - s * inputs["latents"] if v_target else inputs["noise"]
         return ((pred - target) ** 2).mean()
 
-    result = {}
-
     def step():
         loss = loss_fn()
         result["loss"] = float(loss.detach())
@@ -307,8 +315,8 @@ def torch_side(spec_path, out_path):
 
         result["unet_part"] = time_calls(unet_step, spec["repeat"], spec["warmup"])[1]
     result["process_peak_rss"] = process_peak_rss()
-    result["matmul_peak"] = matmul_peak(lambda x, y: torch.mm(torch.from_numpy(x), torch.from_numpy(y)))
-    result["threads"] = torch.get_num_threads()
+    peak = matmul_peak(torch.mm, torch.from_numpy)
+    result["matmul_peak"], result["threads"] = peak["flops"], peak["threads"]
     result["versions"] = {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
                           "transformers": __import__("transformers").__version__}
     with open(out_path, "w") as f:
@@ -323,14 +331,7 @@ def scratch_dir(work):
     return tempfile.TemporaryDirectory(dir=work)
 
 
-def torch_available(python):
-    if not os.path.exists(python):
-        return False
-    probe = subprocess.run([python, "-c", "import torch, diffusers, transformers"], capture_output=True)
-    return probe.returncode == 0
-
-
-def run_baseline(args, cfg, inputs_path, weights):
+def run_baseline(args, python, threads, cfg, inputs_path, weights):
     unet, text = diffusers_configs(cfg)
     from ldm.schedule import make_alphas_cumprod
 
@@ -341,7 +342,7 @@ def run_baseline(args, cfg, inputs_path, weights):
     spec_path, out_path = os.path.join(weights, "spec.json"), os.path.join(weights, "torch_result.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    subprocess.run([args.torch_python, os.path.abspath(__file__), "--torch-side", spec_path, out_path], check=True)
+    run_child(python, [os.path.abspath(__file__), "--torch-side", spec_path, out_path], threads)
     with open(out_path) as f:
         return json.load(f)
 
@@ -372,7 +373,7 @@ def build_ours(cfg, weights):
 
 def ours(args, cfg, inputs, weights):
     import mindspore as ms
-    from mindspore import Tensor, nn, ops
+    from mindspore import Tensor, nn
 
     from ldm.pipeline import VAEGraph
     from train_textual_inversion import TextualInversionLoss
@@ -424,33 +425,51 @@ def ours(args, cfg, inputs, weights):
 
         _, result["unet_part"], _ = time_calls(unet_step, args.repeat, args.warmup)
     result["process_peak_rss"] = process_peak_rss()
-    result["matmul_peak"] = matmul_peak(lambda x, y: ops.matmul(Tensor(x), Tensor(y)).asnumpy())
     return result
 
 
 # ---------------------------------------------------------------------------------------------- report
 
-def report(args, cfg, mine, theirs, numpy_peak):
+def different_work(mine, theirs):
+    """Why the two sides' steps were not the same work (losses or gradients beyond the tolerances), or None."""
+    losses = [("loss", mine["loss"], theirs["loss"])]
+    if "unet_loss" in mine and "unet_loss" in theirs:
+        losses.append(("UNet part loss", mine["unet_loss"], theirs["unet_loss"]))
+    for name, ours_, theirs_ in losses:
+        if abs(ours_ - theirs_) > LOSS_RTOL * abs(theirs_):
+            return f"{name} {ours_:.6f} vs {theirs_:.6f} differs by more than {LOSS_RTOL:g} relative"
+    g_ours, g_theirs = np.array(mine["grad"]), np.array(theirs["grad"])
+    if np.abs(g_ours - g_theirs).max() > GRAD_RTOL * np.abs(g_theirs).max():
+        return f"gradients differ by more than {GRAD_RTOL:g} of the largest entry"
+    return None
+
+
+def report(args, cfg, mine, theirs, numpy_peak, load):
+    """Print the tables; returns why no ratio was printed (None when it was, or without a baseline)."""
     flops = step_flops(cfg, args.batch, args.size // 8, args.size // 8)
     parts = forward_flops(cfg, args.batch, args.size // 8, args.size // 8)
     fwd_weight, fwd_attn = (sum(part[i] for part in parts.values()) for i in (0, 1))
-    peak = max([numpy_peak, mine["matmul_peak"]] + ([theirs["matmul_peak"]] if theirs else []))
-    print(f"\n{args.model} {args.size} px, batch {args.batch}, mode {args.mode}, jit_level {args.jit_level}"
+    peak = max([numpy_peak["flops"], mine["matmul_peak"]] + ([theirs["matmul_peak"]] if theirs else []))
+    no_ratio = theirs and (thread_mismatch(mine, theirs) or different_work(mine, theirs))
+    print(f"\n{load}\n{args.model} {args.size} px, batch {args.batch}, mode {args.mode}, "
+          f"jit_level {args.jit_level}"
           f"{', recompute' if args.recompute else ''}: forward {(fwd_weight + fwd_attn) / 1e9:.1f} GFLOP "
           f"(analytic), step {flops / 1e9:.1f} GFLOP")
-    print(f"fp32 matmul peak 2048^3: numpy {numpy_peak / 1e9:.1f}, MindSpore {mine['matmul_peak'] / 1e9:.1f}"
-          + (f", torch {theirs['matmul_peak'] / 1e9:.1f}" if theirs else "") + " GFLOP/s")
+    print(f"fp32 matmul peak 2048^3, GFLOP/s (threads): numpy {numpy_peak['flops'] / 1e9:.1f} "
+          f"({numpy_peak['threads']}), MindSpore {mine['matmul_peak'] / 1e9:.1f} ({mine['threads']})"
+          + (f", PyTorch {theirs['matmul_peak'] / 1e9:.1f} ({theirs['threads']}; torch.get_num_threads() "
+             f"{theirs['torch_threads']})" if theirs else ""))
     if theirs:
         counted = theirs["counted_forward_flops"]
         print(f"torch FlopCounterMode forward convs + linears: {counted / 1e9:.2f} GFLOP "
               f"(analytic / counted = {fwd_weight / counted:.3f}; it does not see CPU attention)")
-    print("| side | step s (median) | first call - median s | forward s | bwd/fwd | peak RSS steps GB "
+    print("| side | threads | step s (median) | first call - median s | forward s | bwd/fwd | peak RSS steps GB "
           "| process peak RSS GB | GFLOP/s | % of peak |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in (("MindSpore", mine), ("PyTorch", theirs)):
         if r is None:
             continue
-        print(f"| {name} | {r['median']:.3f} | {r['first'] - r['median']:.2f} | {r['forward']:.3f} "
+        print(f"| {name} | {r['threads']} | {r['median']:.3f} | {r['first'] - r['median']:.2f} | {r['forward']:.3f} "
               f"| {(r['median'] - r['forward']) / r['forward']:.2f} | {r['peak_rss'] / 2 ** 30:.2f} "
               f"| {r['process_peak_rss'] / 2 ** 30:.2f} | {flops / r['median'] / 1e9:.1f} "
               f"| {100 * flops / r['median'] / peak:.0f} |")
@@ -461,17 +480,22 @@ def report(args, cfg, mine, theirs, numpy_peak):
             if r is not None:
                 print(f"  {name}: {r['unet_part']:.3f} s, {unet_flops / r['unet_part'] / 1e9:.1f} GFLOP/s, "
                       f"{100 * unet_flops / r['unet_part'] / peak:.0f}% of peak, loss {r['unet_loss']:.6f}")
-        if theirs:
+        if theirs and not no_ratio:
             print(f"  ratio ours/theirs: {mine['unet_part'] / theirs['unet_part']:.2f}")
     step, encode = mine["median"], mine["vae_encode"]
     print(f"latent cache: the VAE encode of the batch takes {encode:.3f} s; a step with the cache "
           f"{step:.3f} s, without {step + encode:.3f} s: the cache is {(step + encode) / step:.2f}x faster")
     if theirs:
         g_ours, g_theirs = np.array(mine["grad"]), np.array(theirs["grad"])
-        print(f"ratio ours/theirs: step {mine['median'] / theirs['median']:.2f}, "
-              f"forward {mine['forward'] / theirs['forward']:.2f}")
         print(f"same work: loss {mine['loss']:.6f} vs {theirs['loss']:.6f}; gradient max abs diff "
-              f"{np.abs(g_ours - g_theirs).max():.2e} (|grad| max {np.abs(g_theirs).max():.2e})")
+              f"{np.abs(g_ours - g_theirs).max():.2e} (|grad| max {np.abs(g_theirs).max():.2e}); tolerances: "
+              f"loss {LOSS_RTOL:g} relative, gradient {GRAD_RTOL:g} of |grad| max")
+        if no_ratio:
+            print(f"no ratio: {no_ratio}")
+        else:
+            print(f"ratio ours/theirs, both on {mine['threads']} threads: "
+                  f"step {mine['median'] / theirs['median']:.2f}, forward {mine['forward'] / theirs['forward']:.2f}")
+    return no_ratio or None
 
 
 def main():
@@ -481,43 +505,46 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--mode", type=int, choices=(0, 1), default=0, help="0 graph, 1 PyNative")
     parser.add_argument("--jit-level", choices=("O0", "O1"), default="O0")
-    parser.add_argument("--threads", type=int, default=0, help="MindSpore runtime_num_threads (0: its default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="MindSpore's CPU op threads (device_context.cpu.op_tuning.threads_num; 0: its default). "
+                             "The threads a matmul actually runs on are measured and given to the baseline")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
     parser.add_argument("--recompute", action="store_true", help="cell.recompute() on every UNet block")
-    parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--no-unet-part", action="store_true",
                         help="skip timing the UNet part alone (forward + backward to a given context)")
-    parser.add_argument("--torch-python", default=TORCH_PYTHON)
+    add_arguments(parser)
     parser.add_argument("--work", help="folder for the shared weights (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--torch-side", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_side:
         return torch_side(*args.torch_side)
+    load, python = machine_load(), torch_python(args)
 
     import mindspore as ms
 
     ms.set_device("CPU")
-    context = dict(mode=args.mode, jit_config={"jit_level": args.jit_level})
+    ms.set_context(mode=args.mode, jit_config={"jit_level": args.jit_level})
     if args.threads:
-        context["runtime_num_threads"] = args.threads
-    ms.set_context(**context)
+        ms.device_context.cpu.op_tuning.threads_num(args.threads)
     cfg = model_config(args.model)
     inputs = make_inputs(cfg, args.batch, args.size)
     numpy_peak = matmul_peak(np.matmul)
+    # measured before the baseline runs: its thread count is the baseline's
+    our_peak = mindspore_matmul_peak()
     with scratch_dir(args.work) as work:
         inputs_path = os.path.join(work, "inputs.npz")
         np.savez(inputs_path, **inputs)
-        theirs = None
-        if not args.no_baseline and torch_available(args.torch_python):
-            theirs = run_baseline(args, cfg, inputs_path, work)
+        theirs = python and run_baseline(args, python, our_peak["threads"], cfg, inputs_path, work)
         mine = ours(args, cfg, inputs, work if theirs else None)
-    report(args, cfg, mine, theirs, numpy_peak)
+    mine["matmul_peak"], mine["threads"] = our_peak["flops"], our_peak["threads"]
+    no_ratio = report(args, cfg, mine, theirs, numpy_peak, load)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), ours=mine, theirs=theirs, numpy_peak=numpy_peak,
-                           step_flops=step_flops(cfg, args.batch, args.size // 8, args.size // 8)), f)
+            json.dump(dict(args=vars(args), machine=load, ours=mine, theirs=theirs, numpy_peak=numpy_peak,
+                           no_ratio=no_ratio, step_flops=step_flops(cfg, args.batch, args.size // 8, args.size // 8)),
+                      f)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Dev tool: sample the tiny toy-world model with diffusers and score the samples with the pixel judge.
 
-    /work/devvenv/bin/python tools/check_toy_model.py [--model models/tiny-sd] [--guidance 7.5]
+Run with an interpreter that has torch and diffusers (the dev venv of requirements-dev.txt):
+
+    .venv-dev/bin/python tools/check_toy_model.py [--model models/tiny-sd] [--guidance 7.5]
 
 Rows of the table:
   held-out    "a photo of a {fg} {shape} on a {bg} background" for triples never trained on

@@ -1,6 +1,8 @@
-"""Dev tool: torch.optim.AdamW / Adam trajectories for tests/test_optim.py (run with the dev venv).
+"""Dev tool: torch.optim.AdamW / Adam trajectories for tests/test_optim.py.
 
-    /work/devvenv/bin/python tools/make_optim_fixtures.py
+Run with an interpreter that has torch (the dev venv of requirements-dev.txt):
+
+    .venv-dev/bin/python tools/make_optim_fixtures.py
 """
 import os
 

@@ -1,6 +1,8 @@
-"""Build the tiny reference models and their outputs under tests/fixtures/ (run with the torch venv).
+"""Build the tiny reference models and their outputs under tests/fixtures/.
 
-    /work/devvenv/bin/python tools/make_reference_fixtures.py
+Run with an interpreter that has torch and diffusers (the dev venv of requirements-dev.txt):
+
+    .venv-dev/bin/python tools/make_reference_fixtures.py
 
 Random-weight SD1-layout and SD2-layout models (diffusers UNet2DConditionModel / AutoencoderKL,
 transformers CLIPTextModel) small enough to ship, with the real CLIP vocabulary size so real token ids
