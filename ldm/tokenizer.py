@@ -19,6 +19,17 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+
+class _NoTorchNotice(logging.Filter):
+    """transformers announces on import that it has no PyTorch; we use only its tokenizer, on purpose."""
+
+    def filter(self, record):
+        return "PyTorch was not found" not in record.getMessage()
+
+
+# on the logger transformers will log to, before transformers is imported (below, lazily)
+logging.getLogger("transformers").addFilter(_NoTorchNotice())
+
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 CONTEXT_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
