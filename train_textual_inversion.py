@@ -37,6 +37,8 @@ from ldm.train_config import ConfigError, parse_train_config, save_resolved
 
 logger = logging.getLogger("train_textual_inversion")
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 # Errors caused by the user's input: reported in one line with exit code 2.
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, WeightsNotFoundError, ValueError, FileNotFoundError)
 
@@ -179,6 +181,8 @@ def save_loss_curve(path, steps, losses):
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # train() turns Ctrl-C / SIGTERM into "save and stop"; the caller's handlers come back afterwards
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         return train(parse_train_config(argv))
     except USER_ERRORS as err:
@@ -187,6 +191,9 @@ def main(argv=None):
     except FloatingPointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg):
@@ -298,7 +305,7 @@ def train(cfg):
 
     # Ctrl-C / SIGTERM: finish the current step, save a resumable state, exit.
     stop = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, _frame: stop.setdefault("signal", signum))
 
     if is_main:

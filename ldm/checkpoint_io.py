@@ -325,15 +325,26 @@ def load_state_dict(path):
     return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path):
-    """Yield a temp path next to `path`; it replaces `path` only if the body succeeds, else it is removed."""
+    """Yield a temp path next to `path`; it replaces `path` only if the body succeeds, else it is removed.
+
+    The file gets the mode a plain `open(path, "w")` would give (0644 under the usual umask), not
+    mkstemp's 0600 or the 0400 MindSpore's save_checkpoint sets.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -382,7 +382,8 @@ def _diffusers_weight_file(folder, part):
     raise CheckpointError(f"{sub}: no weight file (expected e.g. {_DIFFUSERS_WEIGHT_NAMES[part][0]}.safetensors)")
 
 
-def _read_json(path, required=True):
+def read_json(path, required=True):
+    """A JSON config file as a dict; CheckpointError (one line) when it is invalid or, if required, missing."""
     if not os.path.isfile(path):
         if required:
             raise CheckpointError(f"{path}: missing")
@@ -416,7 +417,7 @@ def _diffusers_heads(unet, source):
 
 def _pad_token(folder):
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        pad = _read_json(os.path.join(folder, "tokenizer", name), required=False).get("pad_token")
+        pad = read_json(os.path.join(folder, "tokenizer", name), required=False).get("pad_token")
         if isinstance(pad, dict):
             pad = pad.get("content")
         if pad:
@@ -428,10 +429,10 @@ def config_from_diffusers(folder):
     """`ModelConfig` from a diffusers folder's `config.json` files and scheduler config."""
     from ldm.models import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
-    unet = _read_json(os.path.join(folder, "unet", "config.json"))
-    vae = _read_json(os.path.join(folder, "vae", "config.json"))
-    text = _read_json(os.path.join(folder, "text_encoder", "config.json"))
-    sched = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), required=False)
+    unet = read_json(os.path.join(folder, "unet", "config.json"))
+    vae = read_json(os.path.join(folder, "vae", "config.json"))
+    text = read_json(os.path.join(folder, "text_encoder", "config.json"))
+    sched = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), required=False)
     source = os.path.join(folder, "unet", "config.json")
 
     channels = list(unet["block_out_channels"])

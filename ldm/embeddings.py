@@ -211,7 +211,7 @@ def _download_concept(repo):
     """(path, token) of a hub concept repo's embedding, through the Hugging Face cache; token may be None."""
     from huggingface_hub import hf_hub_download
 
-    from ldm.pretrained import _download_failure
+    from ldm.pretrained import download_failure
 
     errors = []
     for filename in CONCEPT_FILES:
@@ -223,7 +223,7 @@ def _download_concept(repo):
     else:
         raise EmbeddingError(
             f"{repo} is not a file, and its {' or '.join(CONCEPT_FILES)} could not be had from "
-            f"huggingface.co/{repo} ({_download_failure(errors[-1])}); download the file and pass its path"
+            f"huggingface.co/{repo} ({download_failure(errors[-1])}); download the file and pass its path"
         ) from errors[-1]
     logger.info("embedding %s: %s", repo, path)
     try:

@@ -19,7 +19,7 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from ldm import samplers
-from ldm.convert import _read_json, build_pretrained
+from ldm.convert import read_json, build_pretrained
 from ldm.models import load_model_config
 from ldm.pretrained import get_version, resolve_weights
 from ldm.schedule import make_alphas_cumprod
@@ -87,7 +87,7 @@ class StableDiffusion:
         # a diffusers folder's scheduler config decides how each sampler steps, as diffusers' from_config
         # does; single files (no such file under them) sample with SD's own
         scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
-        settings = (samplers.scheduler_settings(_read_json(scheduler_file), scheduler_file)
+        settings = (samplers.scheduler_settings(read_json(scheduler_file), scheduler_file)
                     if os.path.isfile(scheduler_file) else None)
         config, (unet, vae, text_encoder), layout = build_pretrained(path, config, DTYPES[dtype], use_ema)
         text_encoder.set_clip_skip(clip_skip)

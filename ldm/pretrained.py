@@ -115,7 +115,8 @@ def find_local(version, models_dir=MODELS_DIR):
     return None
 
 
-def _download_failure(err):
+def download_failure(err):
+    """One-line reason a hub download failed (offline mode, or the network error under the hub's wrapper)."""
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
@@ -165,5 +166,5 @@ def resolve_weights(version, ckpt_path=None, models_dir=MODELS_DIR, cache_dir=No
         repos = " or ".join(f"huggingface.co/{repo}" for repo in v.hub_repos)
         raise WeightsNotFoundError(
             f"{v.label} weights not found: put {v.hub_filename} in {models_dir}/ or pass --ckpt_path; "
-            f"download of {v.hub_filename} from {repos} failed: {_download_failure(err)}"
+            f"download of {v.hub_filename} from {repos} failed: {download_failure(err)}"
         ) from err

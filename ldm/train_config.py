@@ -36,7 +36,8 @@ class TrainConfig:
     # data
     train_data_dir: Optional[str] = _opt(None, "folder of training images (jpg, jpeg, png, webp, bmp)")
     placeholder_token: Optional[str] = _opt(None, "the new token, e.g. <cat-toy>")
-    initializer_token: Optional[str] = _opt(None, "a single existing token whose embedding starts the new vectors")
+    initializer_token: Optional[str] = _opt(None, "existing word(s) whose token embeddings start the new vectors "
+                                              "(several tokens are shared out over the vectors)")
     learnable_property: str = _opt("object", "caption templates: object or style", ("object", "style"))
     num_vectors: int = _opt(1, "number of embedding vectors learned for the placeholder")
     train_data_repeats: int = _opt(1, "repeat the image list N times per epoch")

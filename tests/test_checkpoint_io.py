@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import stat
 import struct
 import zipfile
 
@@ -168,3 +169,17 @@ def test_mindspore_checkpoint_is_told_by_content(tmp_path):
     assert set(out) == set(values)
     for k, v in values.items():
         assert np.array_equal(out[k], v)
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    # mkstemp makes 0600 files and MindSpore's save_checkpoint 0400 ones: outputs are to be shared
+    previous = os.umask(0o022)
+    try:
+        path = tmp_path / "out.png"
+        with atomic_write(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"x")
+            os.chmod(tmp, 0o400)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    finally:
+        os.umask(previous)

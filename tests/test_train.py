@@ -100,7 +100,9 @@ def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog):
               "--ckpt_save_interval", "2"]
     validation = ["--validation_prompt", "a photo of <my-shape>", "--validation_steps", "4",
                   "--num_validation_images", "1"]
+    handlers = [signal.getsignal(sig) for sig in T.STOP_SIGNALS]
     assert run(tmp_path, *common, "--max_steps", "4", *validation, output="full") == 0
+    assert [signal.getsignal(sig) for sig in T.STOP_SIGNALS] == handlers   # the caller's handlers are back
     full = tmp_path / "full"
     ckpts = sorted(f for f in os.listdir(full / "weights") if f.endswith(".ckpt"))
     assert ckpts == ["SDv1.5_textual_inversion_2_ti.ckpt", "SDv1.5_textual_inversion_4_ti.ckpt"]
