@@ -20,10 +20,11 @@ import mindspore as ms
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from ldm.checkpoint_io import CheckpointError, atomic_write
+from ldm.checkpoint_io import atomic_write
 from ldm.embeddings import check_dim, load_embedding
+from ldm.errors import UserInputError
 from ldm.pipeline import StableDiffusion, image_grid, initial_latents
-from ldm.pretrained import VERSIONS, WeightsNotFoundError, get_version
+from ldm.pretrained import VERSIONS, get_version
 
 logger = logging.getLogger("text_to_image")
 
@@ -51,16 +52,19 @@ def parse_args(argv=None):
     p.add_argument("--H", type=int, default=None, help="height in pixels (default: the version's)")
     p.add_argument("--W", type=int, default=None, help="width in pixels (default: the version's)")
     p.add_argument("--scale", type=float, default=None, help="guidance scale (default 7.5 for 1.x, 9.0 for 2.x)")
-    p.add_argument("--sampling_steps", type=int, default=20)
+    p.add_argument("--sampling_steps", type=int, default=20, help="denoising steps per image")
     group = p.add_mutually_exclusive_group()
     for flag, label in SAMPLER_FLAGS.items():
         group.add_argument(f"--{flag}", action="store_true", help=f"use the {label} sampler")
-    p.add_argument("--ddim_eta", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--ddim_eta", type=float, default=0.0,
+                   help="DDIM's eta: 0 deterministic, 1 as noisy as DDPM (DDIM only)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="initial noise seed: iteration j draws its batch of latents from seed + j (written in the PNG)")
     p.add_argument("--skip_grid", action="store_true", help="do not save the grid")
     p.add_argument("--skip_save", action="store_true", help="do not save the individual samples")
     p.add_argument("--mode", type=int, default=0, choices=(0, 1), help="0 graph mode, 1 PyNative")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="compute dtype of the models (on CPU fp32 is the fast one)")
     p.add_argument("--clip_skip", type=int, default=1,
                    help="text encoder layer to read, counted from the end as A1111's 'Clip skip': "
                         "1 = the last (no skip), 2 = the penultimate, ...")
@@ -83,7 +87,7 @@ def read_prompts(args):
     with open(args.data_path, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
-        raise ValueError(f"--data_path {args.data_path} holds no prompts; write one prompt per line")
+        raise UserInputError(f"--data_path {args.data_path} holds no prompts; write one prompt per line")
     return prompts
 
 
@@ -105,7 +109,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return generate(args)
-    except (ValueError, FileNotFoundError, CheckpointError, WeightsNotFoundError) as err:
+    except (UserInputError, FileNotFoundError) as err:  # FileNotFoundError: a missing --data_path or --config
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -122,7 +126,7 @@ def generate(args):
                               use_ema=args.extract_ema)
     f = sd.latent_factor
     if height % f or width % f:
-        raise ValueError(f"--H/--W must be multiples of {f} (this VAE downsamples by {f}), got {height}x{width}")
+        raise UserInputError(f"--H/--W must be multiples of {f} (this VAE downsamples by {f}), got {height}x{width}")
     used = []
     for i, path in enumerate(args.ti_ckpt_path):
         emb = load_embedding(path, args.ti_token[i] if i < len(args.ti_token) else None)

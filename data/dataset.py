@@ -17,6 +17,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from ldm.errors import UserInputError
+
 _logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
@@ -75,7 +77,7 @@ imagenet_style_templates_small = [
 ]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError):
     """A data problem; the one-line message names the input and the fix."""
 
 
@@ -278,7 +280,7 @@ class TextualInversionDataset:
     def variant_index(self, example: Example) -> int:
         """Position of a drawn example in `variants()` (the row of the latent cache)."""
         if example.crop is not None:
-            raise DatasetError("a randomly cropped example has no cached variant")
+            raise ValueError("a randomly cropped example has no cached variant")
         both = 0.0 < self.flip_p < 1.0
         return example.image_index * (2 if both else 1) + (int(example.flip) if both else 0)
 
@@ -328,7 +330,7 @@ class BatchIterator:
     def __init__(self, dataset: TextualInversionDataset, batch_size: int, seed: int,
                  rank_id: int = 0, device_num: int = 1):
         if batch_size < 1 or device_num < 1 or not 0 <= rank_id < device_num:
-            raise DatasetError(f"bad sharding: batch_size={batch_size}, rank_id={rank_id}, device_num={device_num}")
+            raise ValueError(f"bad sharding: batch_size={batch_size}, rank_id={rank_id}, device_num={device_num}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = int(seed)

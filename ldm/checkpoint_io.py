@@ -20,8 +20,10 @@ import zipfile
 
 import numpy as np
 
+from ldm.errors import UserInputError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserInputError):
     """A weight file that cannot be read; the message is one line naming the file."""
 
 

@@ -13,7 +13,7 @@ buffers, EMA copies or counters, CLIP extras, SD2's unused last text block: `spl
 error. Config checks compare meaning (`ldm.models.config_differences`), not YAML spelling.
 
 MindSpore and `ldm.models` are imported inside the functions that need them: the key maps here are also
-used by tools/make_reference_fixtures.py, which runs in a torch environment without MindSpore.
+used by tools/dev/make_reference_fixtures.py, which runs in a torch environment without MindSpore.
 """
 import contextlib
 import json

@@ -13,6 +13,7 @@ import yaml
 import mindspore as ms
 from mindspore.nn.utils import no_init_parameters
 
+from ldm.errors import ModelConfigError
 from ldm.modules.openaimodel import UNetModel
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.clip_text import CLIPTextModel
@@ -75,28 +76,30 @@ class ModelConfig:
     image_size: int = 512           # default sample size in pixels
 
 
-def _typed(cls, params):
-    """Instantiate dataclass `cls` from the keys of `params` it knows, coerced to the field types.
+def _coerced(value, default):
+    """`value` as the type of the field's default (PyYAML reads `1e-5`, no dot, as a string)."""
+    if isinstance(default, tuple):
+        return tuple(value)
+    if isinstance(default, bool):
+        return bool(value)
+    for kind in (float, int, str):
+        if isinstance(default, kind):
+            return kind(value)
+    return value
 
-    PyYAML reads `1e-5` (no dot) as a string and lists as lists, hence the coercion.
-    """
+
+def _typed(cls, params, where):
+    """Instantiate dataclass `cls` from the keys of `params` it knows, coerced to the field types; `where`
+    names the YAML section in the error for a value that does not convert."""
     kwargs = {}
     for f in fields(cls):
         if f.name not in params:
             continue
-        value = params[f.name]
-        default = f.default
-        if isinstance(default, tuple):
-            value = tuple(value)
-        elif isinstance(default, bool):
-            value = bool(value)
-        elif isinstance(default, float):
-            value = float(value)
-        elif isinstance(default, int):
-            value = int(value)
-        elif isinstance(default, str):
-            value = str(value)
-        kwargs[f.name] = value
+        try:
+            kwargs[f.name] = _coerced(params[f.name], f.default)
+        except (TypeError, ValueError):
+            raise ModelConfigError(f"{where}: {f.name} must be {type(f.default).__name__}, "
+                                   f"got {params[f.name]!r}") from None
     return cls(**kwargs)
 
 
@@ -130,11 +133,11 @@ def _section(model_params, name, path):
     """`(target, params)` of `model.params.<name>`; the target must be one of `TARGETS[name]`, if given."""
     section = model_params.get(name)
     if not isinstance(section, dict):
-        raise ValueError(f"{path}: model.params.{name} is missing")
+        raise ModelConfigError(f"{path}: model.params.{name} is missing")
     target = section.get("target")
     if target is not None and target not in TARGETS[name]:
-        raise ValueError(f"{path}: model.params.{name}.target {target} is not a Stable Diffusion 1.x/2.x part "
-                         f"this project builds (known: {', '.join(TARGETS[name])})")
+        raise ModelConfigError(f"{path}: model.params.{name}.target {target} is not a Stable Diffusion 1.x/2.x part "
+                               f"this project builds (known: {', '.join(TARGETS[name])})")
     return target, dict(section.get("params") or {})
 
 
@@ -144,17 +147,18 @@ def _released_text_encoder(flavour, params, where):
     layer = params.get("layer", "last")
     if flavour == "openclip":
         if params.get("arch", "ViT-H-14") != "ViT-H-14":
-            raise ValueError(f"{where}.arch {params['arch']!r}: only ViT-H-14 (the SD 2.x text encoder) is supported")
+            raise ModelConfigError(f"{where}.arch {params['arch']!r}: only ViT-H-14 (the SD 2.x text encoder) is "
+                                   "supported")
         if layer not in _OPENCLIP_LAYERS:
-            raise ValueError(f"{where}.layer {layer!r}: use 'penultimate' (SD 2.x) or 'last'")
+            raise ModelConfigError(f"{where}.layer {layer!r}: use 'penultimate' (SD 2.x) or 'last'")
         out["layers"] -= _OPENCLIP_LAYERS[layer]
     else:
         version = params.get("version", "openai/clip-vit-large-patch14")
         if version != "openai/clip-vit-large-patch14":
-            raise ValueError(f"{where}.version {version!r}: only openai/clip-vit-large-patch14 (the SD 1.x text "
-                             "encoder) is supported")
+            raise ModelConfigError(f"{where}.version {version!r}: only openai/clip-vit-large-patch14 (the SD 1.x "
+                                   "text encoder) is supported")
         if layer != "last":
-            raise ValueError(f"{where}.layer {layer!r}: only 'last' is supported")
+            raise ModelConfigError(f"{where}.layer {layer!r}: only 'last' is supported")
     if "max_length" in params:
         out["context_length"] = params["max_length"]
     return out
@@ -183,10 +187,10 @@ def _parameterization(model, path):
         return params.get("parameterization")
     kind = model["prediction_type"]
     if kind not in _PREDICTION_TYPES:
-        raise ValueError(f"{path}: model.prediction_type {kind!r} must be 'noise' or 'v'")
+        raise ModelConfigError(f"{path}: model.prediction_type {kind!r} must be 'noise' or 'v'")
     if params.get("parameterization", _PREDICTION_TYPES[kind]) != _PREDICTION_TYPES[kind]:
-        raise ValueError(f"{path}: model.prediction_type {kind!r} contradicts model.params.parameterization "
-                         f"{params['parameterization']!r}; keep one of them")
+        raise ModelConfigError(f"{path}: model.prediction_type {kind!r} contradicts model.params.parameterization "
+                               f"{params['parameterization']!r}; keep one of them")
     return _PREDICTION_TYPES[kind]
 
 
@@ -196,24 +200,25 @@ def model_config_from_dict(config: dict, path="<dict>") -> ModelConfig:
         model = config["model"]
         mp = model.get("params") or {}
     except (KeyError, TypeError, AttributeError):
-        raise ValueError(f"{path}: not a model config (no model.params)") from None
+        raise ModelConfigError(f"{path}: not a model config (no model.params)") from None
     if model.get("target") is not None and model["target"] not in TARGETS["model"]:
-        raise ValueError(f"{path}: model.target {model['target']} is not a model this project builds "
-                         f"(known: {', '.join(TARGETS['model'])})")
+        raise ModelConfigError(f"{path}: model.target {model['target']} is not a model this project builds "
+                               f"(known: {', '.join(TARGETS['model'])})")
 
     _, unet_params = _section(mp, "unet_config", path)
     # CompVis: num_head_channels, when set, decides the head count (num_heads defaults to -1 there)
     if unet_params.get("num_head_channels", -1) != -1 and "num_heads" not in unet_params:
         unet_params["num_heads"] = -1
-    unet = _typed(UNetConfig, unet_params)
+    unet = _typed(UNetConfig, unet_params, f"{path}: model.params.unet_config.params")
 
     _, first = _section(mp, "first_stage_config", path)
     vae_params = dict(first.get("ddconfig") or {})
     if "embed_dim" in first:
         vae_params["embed_dim"] = first["embed_dim"]
-    vae = _typed(VAEConfig, vae_params)
+    vae = _typed(VAEConfig, vae_params, f"{path}: model.params.first_stage_config.params")
 
-    text = _typed(TextEncoderConfig, _text_encoder_params(*_section(mp, "cond_stage_config", path), path))
+    text = _typed(TextEncoderConfig, _text_encoder_params(*_section(mp, "cond_stage_config", path), path),
+                  f"{path}: model.params.cond_stage_config.params")
 
     top = {k: mp[k] for k in ("linear_start", "linear_end", "timesteps", "scale_factor") if k in mp}
     parameterization = _parameterization(model, path)
@@ -222,9 +227,9 @@ def model_config_from_dict(config: dict, path="<dict>") -> ModelConfig:
     if "image_size" in mp:
         # model.params.image_size is the latent size; the sample size in pixels is that times the VAE factor
         top["image_size"] = int(mp["image_size"]) * 2 ** (len(vae.ch_mult) - 1)
-    cfg = replace(_typed(ModelConfig, top), unet=unet, vae=vae, text_encoder=text)
+    cfg = replace(_typed(ModelConfig, top, f"{path}: model.params"), unet=unet, vae=vae, text_encoder=text)
     if cfg.parameterization not in ("eps", "v"):
-        raise ValueError(f"{path}: parameterization must be 'eps' or 'v', got {cfg.parameterization!r}")
+        raise ModelConfigError(f"{path}: parameterization must be 'eps' or 'v', got {cfg.parameterization!r}")
     return cfg
 
 

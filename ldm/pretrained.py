@@ -9,6 +9,8 @@ which shows a progress bar and keeps the file in the Hugging Face cache.
 import os
 from dataclasses import dataclass
 
+from ldm.errors import UserInputError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS_DIR = os.path.join(ROOT, "models")
 
@@ -95,7 +97,7 @@ VERSIONS = {
 }
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserInputError):
     """One-line message: which file is expected and where to put it."""
 
 
@@ -103,7 +105,7 @@ def get_version(name):
     try:
         return VERSIONS[str(name)]
     except KeyError:
-        raise ValueError(f"unknown SD version {name!r}; valid versions: {', '.join(VERSIONS)}") from None
+        raise UserInputError(f"unknown SD version {name!r}; valid versions: {', '.join(VERSIONS)}") from None
 
 
 def find_local(version, models_dir=MODELS_DIR):

@@ -42,6 +42,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ldm.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 PARAMETERIZATIONS = ("eps", "v")
@@ -69,7 +71,8 @@ class SchedulerSettings:
 
     def __post_init__(self):
         if self.timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
+            raise UserInputError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, "
+                                 f"got {self.timestep_spacing!r}")
 
 
 # ---------------------------------------------------------------- timestep spacings
@@ -77,9 +80,9 @@ class SchedulerSettings:
 
 def _checked(ts: np.ndarray, num_steps: int, num_train: int, s: SchedulerSettings) -> np.ndarray:
     if ts[-1] < 0 or ts[0] >= num_train or np.any(ts[1:] >= ts[:-1]):
-        raise ValueError(f"{num_steps} steps with {s.timestep_spacing!r} spacing and steps_offset "
-                         f"{s.steps_offset} give timesteps outside [0, {num_train - 1}] or repeated ones; "
-                         "choose another number of steps")
+        raise UserInputError(f"{num_steps} steps with {s.timestep_spacing!r} spacing and steps_offset "
+                             f"{s.steps_offset} give timesteps outside [0, {num_train - 1}] or repeated ones; "
+                             "choose another number of steps")
     return ts
 
 
@@ -121,9 +124,9 @@ def _plms_timesteps(num_steps: int, num_train: int, s: SchedulerSettings) -> np.
         # redoing that first step with the averaged outputs.
         return np.concatenate([ts[:1], ts[1:2], ts[1:]])
     if num_steps < 4:
-        raise ValueError(f"plms with skip_prk_steps=False (the model's scheduler config, or PNDMScheduler's default "
-                         f"when it lacks the key) takes Runge-Kutta steps over its first 4 timesteps and needs "
-                         f"num_steps >= 4, got {num_steps}")
+        raise UserInputError(f"plms with skip_prk_steps=False (the model's scheduler config, or PNDMScheduler's "
+                             f"default when it lacks the key) takes Runge-Kutta steps over its first 4 timesteps and "
+                             f"needs num_steps >= 4, got {num_steps}")
     # each Runge-Kutta step evaluates its start, its midpoint twice and its end
     mids = ts[1:4] + num_train // num_steps // 2
     return np.concatenate([np.stack([ts[:3], mids, mids, ts[1:4]], axis=1).ravel(), ts[3:]])
@@ -330,7 +333,7 @@ SAMPLERS = {
 
 def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+        raise UserInputError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
 
 
@@ -345,8 +348,8 @@ def scheduler_settings(config: Optional[dict] = None, source: str = "SD's schedu
     for name, spec in SAMPLERS.items():
         try:
             settings[name] = SchedulerSettings(**{k: config.get(k, v) for k, v in spec.defaults.items()})
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from None
+        except UserInputError as err:
+            raise UserInputError(f"{source}: {err}") from None
         for key, value in spec.fixed.items():
             if key in config and config[key] != value:
                 ignored.setdefault(f"{key}={config[key]!r}", []).append(name)
@@ -370,7 +373,7 @@ def timesteps(name: str, num_steps: int, num_train_timesteps: int = 1000,
 
 def _check_num_steps(num_steps: int, num_train: int) -> None:
     if not 1 <= num_steps <= num_train:
-        raise ValueError(f"num_steps must be in [1, {num_train}], got {num_steps}")
+        raise UserInputError(f"num_steps must be in [1, {num_train}], got {num_steps}")
 
 
 def sample(
@@ -403,14 +406,14 @@ def sample(
     _check_num_steps(num_steps, len(abar))
     spec.timesteps(num_steps, len(abar), settings)  # refuses timesteps off the schedule before any evaluation
     if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+        raise UserInputError(f"eta must be >= 0, got {eta}")
     extra = {}
     if spec.takes_eta:
         if eta > 0 and rng is None:
             raise ValueError("eta > 0 needs a numpy Generator as rng")
         extra = {"eta": float(eta), "rng": rng}
     elif eta != 0:
-        raise ValueError(f"eta only applies to ddim, not to {name!r}")
+        raise UserInputError(f"eta only applies to ddim, not to {name!r}")
     # every one of these schedulers has init_noise_sigma = 1, so x_T is used as it is
     x = np.array(x_T, dtype=np.float32)
     report = callback if callback is not None else (lambda i, t, x: None)

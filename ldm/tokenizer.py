@@ -17,6 +17,8 @@ import re
 
 import numpy as np
 
+from ldm.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -101,7 +103,7 @@ def add_placeholder_tokens(tokenizer, placeholder, num_vectors=1):
     for name in names:
         # add_tokens() counts an existing vocabulary entry as added, so the check must come first
         if name in vocab:
-            raise ValueError(
+            raise UserInputError(
                 f"placeholder token {name!r} already exists in the tokenizer's vocabulary; pick another placeholder"
             )
     first = len(tokenizer)
@@ -163,11 +165,11 @@ def initializer_ids(tokenizer, text):
     """Token ids of an initializer text (one or more words) in the base vocabulary."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
     if not ids:
-        raise ValueError(f"initializer text {text!r} gives no tokens; pass a word such as 'toy' or 'painting'")
+        raise UserInputError(f"initializer text {text!r} gives no tokens; pass a word such as 'toy' or 'painting'")
     outside = [i for i in ids if i >= tokenizer.vocab_size]
     if outside:
         names = tokenizer.convert_ids_to_tokens(outside)
-        raise ValueError(f"initializer text {text!r} contains placeholder tokens {names}; use ordinary words")
+        raise UserInputError(f"initializer text {text!r} contains placeholder tokens {names}; use ordinary words")
     return ids
 
 

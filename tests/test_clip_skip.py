@@ -1,6 +1,6 @@
 """Clip skip: our `clip_skip` k (A1111's "Clip skip", kohya's clip_skip) against diffusers' `clip_skip` k - 1.
 
-References (tests/fixtures/clip-skip.npz, tools/make_pipeline_fixtures.py) are the prompt embeddings of
+References (tests/fixtures/clip-skip.npz, tools/dev/make_pipeline_fixtures.py) are the prompt embeddings of
 diffusers' `StableDiffusionPipeline.encode_prompt` on the tiny reference models; tiny-sd1's include a
 prompt with a 2-vector Textual Inversion embedding, the path training differentiates.
 """
@@ -16,8 +16,9 @@ from PIL import Image
 import text_to_image
 import train_textual_inversion
 from ldm.embeddings import load_embedding
+from ldm.errors import UserInputError
 from ldm.pipeline import StableDiffusion
-from ldm.train_config import ConfigError, parse_train_config
+from ldm.training.config import ConfigError, parse_train_config
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TINY_SD1 = os.path.join(FIXTURES, "tiny-sd1")
@@ -58,7 +59,7 @@ def test_prompt_embeddings_match_diffusers(ref, model, mode, restore_mode):
 
 
 def test_out_of_range_is_refused():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserInputError) as err:
         StableDiffusion.load("1.5", TINY_SD1, clip_skip=3)
     assert str(err.value) == ("clip_skip 3: this text encoder has 2 layers; use --clip_skip 1 (the last layer, "
                               "no skip) to 2")

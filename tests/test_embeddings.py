@@ -1,5 +1,4 @@
 import base64
-import importlib.util
 import itertools
 import json
 import os
@@ -15,20 +14,10 @@ from safetensors.numpy import load_file, save_file
 
 from ldm import embeddings as emb
 from ldm.checkpoint_io import CheckpointError
+from tools import convert_embedding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "embeddings")
-
-
-def _load_tool():
-    path = os.path.join(ROOT, "tools", "convert_embedding.py")
-    spec = importlib.util.spec_from_file_location("convert_embedding", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_embedding = _load_tool()
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +186,7 @@ def test_inconsistent_ti_ckpt_is_refused(tmp_path):
         emb.load_embedding(path)
 
 
-# --- files from the wild, made by each tool's own code (tools/make_embedding_fixtures.py) --------------
+# --- files from the wild, made by each tool's own code (tools/dev/make_embedding_fixtures.py) ----------
 
 def test_sd_concepts_bin_holds_one_768_vector(expected):
     e = emb.load_embedding(os.path.join(FIXTURES, "cat-toy", "learned_embeds.bin"))

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from ldm.convert import check_fits
+from ldm.errors import ModelConfigError
 from ldm.models import (ModelConfig, UNetConfig, config_differences, load_model_config, model_config_from_dict)
 from ldm.pretrained import get_version
 
@@ -54,7 +55,7 @@ def test_mindone_prediction_type_sets_the_parameterization():
     config["model"]["prediction_type"] = "v"
     assert model_config_from_dict(config).parameterization == "v"
     config["model"]["params"]["parameterization"] = "eps"
-    with pytest.raises(ValueError, match="contradicts model.params.parameterization"):
+    with pytest.raises(ModelConfigError, match="contradicts model.params.parameterization"):
         model_config_from_dict(config, "x.yaml")
 
 
@@ -68,7 +69,7 @@ def test_unknown_target_is_a_one_line_error_naming_it(section, target):
     config = _reference("compvis-v1-inference")
     params = config["model"] if section == "model" else config["model"]["params"][section]
     params["target"] = target
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ModelConfigError) as err:
         model_config_from_dict(config, "their.yaml")
     message = str(err.value)
     assert message.startswith("their.yaml: ") and target in message and "\n" not in message
@@ -78,8 +79,21 @@ def test_unknown_target_is_a_one_line_error_naming_it(section, target):
 def test_unsupported_openclip_params_are_named(params, field):
     config = _reference("stability-v2-inference")
     config["model"]["params"]["cond_stage_config"]["params"].update(params)
-    with pytest.raises(ValueError, match=f"cond_stage_config.params.{field} "):
+    with pytest.raises(ModelConfigError, match=f"cond_stage_config.params.{field} "):
         model_config_from_dict(config, "their.yaml")
+
+
+@pytest.mark.parametrize("section,key,value,kind", [
+    ("unet_config", "model_channels", "wide", "int"),
+    ("unet_config", "channel_mult", 4, "tuple"),
+    ("first_stage_config", "embed_dim", "four", "int"),
+])
+def test_a_value_of_the_wrong_type_is_named(section, key, value, kind):
+    config = _reference("compvis-v1-inference")
+    config["model"]["params"][section]["params"][key] = value
+    with pytest.raises(ModelConfigError) as err:
+        model_config_from_dict(config, "their.yaml")
+    assert str(err.value) == f"their.yaml: model.params.{section}.params: {key} must be {kind}, got {value!r}"
 
 
 def test_config_checks_compare_meaning_not_spelling():

@@ -10,6 +10,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
+from ldm.errors import ModelConfigError
 from ldm.pipeline import VAEGraph
 from ldm.models import (ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, build_models, load_model_config,
                         model_config_from_dict)
@@ -79,10 +80,10 @@ def test_yaml_defaults_and_errors():
     assert cfg.unet.num_heads == -1 and cfg.vae.ch == 64
     assert (cfg.text_encoder.use_quick_gelu, cfg.text_encoder.pad_token) == (False, "!")
     assert cfg.text_encoder.intermediate_size == 4096 and cfg.text_encoder.epsilon == 1e-5
-    with pytest.raises(ValueError, match="parameterization"):
+    with pytest.raises(ModelConfigError, match="parameterization"):
         model_config_from_dict({"model": {"params": {"parameterization": "x0", "unet_config": {},
                                                      "first_stage_config": {}, "cond_stage_config": {}}}})
-    with pytest.raises(ValueError, match="unet_config"):
+    with pytest.raises(ModelConfigError, match="unet_config"):
         model_config_from_dict({"model": {"params": {}}})
 
 

@@ -7,6 +7,7 @@ from huggingface_hub import constants
 
 from ldm import pretrained
 from ldm.convert import config_from_diffusers
+from ldm.errors import UserInputError
 from ldm.models import load_model_config
 
 
@@ -102,7 +103,7 @@ def test_tiny_needs_no_download(tmp_path):
 
 def test_unknown_version_lists_valid_ones():
     valid = "1.5, 2.0, 2.1, 2.0-v, 2.1-v, tiny"
-    with pytest.raises(ValueError, match=f"unknown SD version '3.0'; valid versions: {valid}"):
+    with pytest.raises(UserInputError, match=f"unknown SD version '3.0'; valid versions: {valid}"):
         pretrained.get_version("3.0")
 
 

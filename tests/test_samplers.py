@@ -1,4 +1,4 @@
-"""ldm.samplers against diffusers' schedulers (recorded by tools/make_sampler_fixtures.py), pure numpy."""
+"""ldm.samplers against diffusers' schedulers (recorded by tools/dev/make_sampler_fixtures.py), pure numpy."""
 
 import dataclasses
 import json
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ldm import samplers
-from tools.make_sampler_fixtures import DDIM_ETA_STEPS, ETA, NOISE_SEED, STEP_COUNTS, case_key, fake_model
+from ldm.errors import UserInputError
+from tools.dev.make_sampler_fixtures import DDIM_ETA_STEPS, ETA, NOISE_SEED, STEP_COUNTS, case_key, fake_model
 
 FIXTURES = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "samplers.npz"))
 CASES = [(s, p, n, 0.0) for s in samplers.SAMPLERS for p in samplers.PARAMETERIZATIONS for n in STEP_COUNTS]
@@ -76,7 +77,7 @@ def test_refuses_what_diffusers_cannot_run(key):
     # diffusers' Runge-Kutta warm-up (PNDMScheduler, skip_prk_steps=False) breaks below 4 steps
     variant, name, parameterization, num_steps = _variant_case(key)
     settings = samplers.scheduler_settings(CONFIGS[variant])[name]
-    with pytest.raises(ValueError, match="skip_prk_steps=False .* needs num_steps >= 4"):
+    with pytest.raises(UserInputError, match="skip_prk_steps=False .* needs num_steps >= 4"):
         _run(name, parameterization, num_steps, settings=settings)
 
 
@@ -117,7 +118,7 @@ def test_values_not_followed_are_warned_about(caplog):
 
 
 def test_bad_timestep_spacing_names_the_config():
-    with pytest.raises(ValueError, match="^x.json: timestep_spacing must be one of leading, trailing, linspace"):
+    with pytest.raises(UserInputError, match="^x.json: timestep_spacing must be one of leading, trailing, linspace"):
         samplers.scheduler_settings({"timestep_spacing": "karras"}, "x.json")
 
 
@@ -126,8 +127,8 @@ def test_timesteps_off_the_schedule_are_refused(name, num_steps, spacing):
     # SD's steps_offset 1 puts 1000 "leading" steps' first timestep at 1000 (diffusers: IndexError); 1000 / 61
     # rounds so that numpy's arange makes 62 "trailing" steps, the last at -1 (diffusers samples with it)
     settings = samplers.scheduler_settings({**CONFIGS["sd15"], "timestep_spacing": spacing})[name]
-    with pytest.raises(ValueError, match=f"{num_steps} steps with '{spacing}' spacing and steps_offset 1 give "
-                                         "timesteps outside"):
+    with pytest.raises(UserInputError, match=f"{num_steps} steps with '{spacing}' spacing and steps_offset 1 give "
+                                             "timesteps outside"):
         _run(name, "eps", num_steps, settings=settings)
 
 
@@ -154,29 +155,31 @@ def test_plms_evaluates_second_timestep_twice():
 
 
 def test_unknown_sampler_lists_valid_ones():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserInputError) as err:
         samplers.sample("euler", fake_model, FIXTURES["x_T"], FIXTURES["alphas_cumprod"], 10)
     for name in samplers.SAMPLERS:
         assert name in str(err.value)
-    with pytest.raises(ValueError, match="ddim"):
+    with pytest.raises(UserInputError, match="ddim"):
         samplers.timesteps("k_lms", 10)
 
 
+# what a user sets (--sampling_steps, --ddim_eta, the sampler flag) is a UserInputError; what only code
+# passes (the schedule, its parameterization, the rng) stays a ValueError, whose traceback shows the bug
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "kwargs,error,message",
     [
-        (dict(name="plms", eta=0.5), "eta only applies to ddim"),
-        (dict(name="ddim", eta=0.5), "rng"),
-        (dict(name="ddim", eta=-1.0), "eta must be"),
-        (dict(name="ddim", parameterization="x0"), "parameterization"),
-        (dict(name="ddim", num_steps=0), "num_steps"),
-        (dict(name="ddim", num_steps=1001), "num_steps"),
+        (dict(name="plms", eta=0.5), UserInputError, "eta only applies to ddim"),
+        (dict(name="ddim", eta=0.5), ValueError, "rng"),
+        (dict(name="ddim", eta=-1.0), UserInputError, "eta must be"),
+        (dict(name="ddim", parameterization="x0"), ValueError, "parameterization"),
+        (dict(name="ddim", num_steps=0), UserInputError, "num_steps"),
+        (dict(name="ddim", num_steps=1001), UserInputError, "num_steps"),
     ],
 )
-def test_rejects_bad_arguments(kwargs, message):
+def test_rejects_bad_arguments(kwargs, error, message):
     args = dict(name="ddim", num_steps=10, parameterization="eps", eta=0.0)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         samplers.sample(
             args["name"],
             fake_model,

@@ -1,6 +1,6 @@
 """Sampling end to end: our pipeline against diffusers' StableDiffusionPipeline, and the text_to_image CLI.
 
-References (tests/fixtures/pipelines.npz, tools/make_pipeline_fixtures.py) are diffusers' decoded images
+References (tests/fixtures/pipelines.npz, tools/dev/make_pipeline_fixtures.py) are diffusers' decoded images
 from the same initial latents, prompt, negative prompt and guidance scale, each scheduler made `from_config`
 of the model folder's scheduler_config.json; every sampler must reproduce them to 1/255 in graph mode, for
 an eps (tiny-sd1) and a v-prediction (tiny-sd2-v) model.
@@ -18,6 +18,7 @@ from PIL import Image
 
 import text_to_image
 from ldm.embeddings import load_embedding, save_a1111_safetensors, save_diffusers, save_ti_ckpt
+from ldm.errors import UserInputError
 from ldm.pipeline import StableDiffusion, initial_latents
 from ldm.tokenizer import load_tokenizer
 
@@ -220,6 +221,21 @@ def test_missing_or_empty_prompt_file_is_refused(cli, capsys, tmp_path):
     err = _error(cli, capsys, *_cli_args(TINY_SD1, tmp_path, "--data_path", str(empty)))
     assert err == f"error: --data_path {empty} holds no prompts; write one prompt per line"
     assert not cli.loads
+
+
+def test_only_user_input_errors_become_a_one_line_exit(monkeypatch, capsys, tmp_path):
+    # a ValueError from our own code is a bug: it must reach the caller with its traceback, not exit 2
+    def raising(error):
+        def load(*args, **kwargs):
+            raise error
+        return load
+
+    argv = ["--ckpt_path", TINY_SD1, "--prompt", "a cat", "--output_path", str(tmp_path)]
+    monkeypatch.setattr(StableDiffusion, "load", raising(ValueError("a bug")))
+    with pytest.raises(ValueError, match="^a bug$"):
+        text_to_image.main(argv)
+    monkeypatch.setattr(StableDiffusion, "load", raising(UserInputError("bad input")))
+    assert _error(lambda *a: text_to_image.main(list(a)), capsys, *argv) == "error: bad input"
 
 
 def test_long_prompt_is_truncated_with_a_warning(cli, caplog, tmp_path):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ldm import tokenizer as tk
+from ldm.errors import UserInputError
 
 PHOTO_OF_A_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
 
@@ -100,10 +101,10 @@ def test_expand_is_idempotent_and_leaves_hand_written_tokens():
 
 def test_existing_token_is_refused_by_name():
     tok = tk.load_tokenizer()
-    with pytest.raises(ValueError, match=r"placeholder token 'cat' already exists .*pick another placeholder"):
+    with pytest.raises(UserInputError, match=r"placeholder token 'cat' already exists .*pick another placeholder"):
         tk.add_placeholder_tokens(tok, "cat", 1)
     tk.add_placeholder_tokens(tok, "<t>", 2)
-    with pytest.raises(ValueError, match="'<t>_1' already exists"):
+    with pytest.raises(UserInputError, match="'<t>_1' already exists"):
         tk.add_placeholder_tokens(tok, "<t>_1", 1)
     assert len(tok) == 49410
 
@@ -112,10 +113,10 @@ def test_initializer_ids():
     tok = tk.load_tokenizer()
     assert tk.initializer_ids(tok, "cat") == [2368]
     assert tk.initializer_ids(tok, "a photo") == [320, 1125]
-    with pytest.raises(ValueError, match="gives no tokens"):
+    with pytest.raises(UserInputError, match="gives no tokens"):
         tk.initializer_ids(tok, "  ")
     tk.add_placeholder_tokens(tok, "<t>", 1)
-    with pytest.raises(ValueError, match=r"placeholder tokens \['<t>'\]"):
+    with pytest.raises(UserInputError, match=r"placeholder tokens \['<t>'\]"):
         tk.initializer_ids(tok, "a <t>")
 
 

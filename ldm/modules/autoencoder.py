@@ -2,6 +2,7 @@
 import mindspore as ms
 from mindspore import nn, ops
 
+from ldm.errors import ModelConfigError
 from ldm.modules.layers import Attention, Conv2d, GroupNorm, Upsample
 
 
@@ -167,7 +168,7 @@ class AutoencoderKL(nn.Cell):
                  dtype=ms.float32):
         super().__init__()
         if not double_z:
-            raise ValueError("AutoencoderKL needs double_z=True (the posterior has a mean and a log-variance)")
+            raise ModelConfigError("AutoencoderKL needs double_z=True (the posterior has a mean and a log-variance)")
         self.dtype = dtype
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_resolutions, in_channels, resolution,
                                z_channels, double_z, norm_num_groups, dtype=dtype)

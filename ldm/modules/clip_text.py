@@ -14,6 +14,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer, Normal
 
+from ldm.errors import UserInputError
 from ldm.modules.layers import Linear, LayerNorm, attention, gelu, quick_gelu
 
 
@@ -150,8 +151,8 @@ class CLIPTextModel(nn.Cell):
         first call: a compiled graph keeps the layer count it was compiled with."""
         layers = len(self.text_model.encoder.layers)
         if not 1 <= clip_skip <= layers:
-            raise ValueError(f"clip_skip {clip_skip}: this text encoder has {layers} layers; use --clip_skip "
-                             f"1 (the last layer, no skip) to {layers}")
+            raise UserInputError(f"clip_skip {clip_skip}: this text encoder has {layers} layers; use --clip_skip "
+                                 f"1 (the last layer, no skip) to {layers}")
         self.clip_skip = clip_skip
         self.text_model.encoder.num_used_layers = layers - (clip_skip - 1)
 
