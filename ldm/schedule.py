@@ -21,19 +21,20 @@ def make_alphas_cumprod(linear_start=0.00085, linear_end=0.012, timesteps=1000):
 class NoiseSchedule(nn.Cell):
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, and v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0.
 
-    `t` is an int Tensor `[B]`; x0 and noise are `[B, ...]`. Holds no parameters.
+    Built from the training schedule's `alphas_cumprod` (`[T]`, float64). `t` is an int Tensor `[B]`;
+    x0 and noise are `[B, ...]`. Holds no parameters.
     """
 
-    def __init__(self, linear_start=0.00085, linear_end=0.012, timesteps=1000):
+    def __init__(self, alphas_cumprod):
         super().__init__()
-        self.alphas_cumprod = make_alphas_cumprod(linear_start, linear_end, timesteps)
+        self.alphas_cumprod = np.asarray(alphas_cumprod, np.float64)
         self.sqrt_alphas_cumprod = Tensor(np.sqrt(self.alphas_cumprod).astype(np.float32))
         self.sqrt_one_minus_alphas_cumprod = Tensor(np.sqrt(1.0 - self.alphas_cumprod).astype(np.float32))
 
     @classmethod
     def from_config(cls, cfg):
         """From a `ModelConfig` (its linear_start, linear_end, timesteps)."""
-        return cls(cfg.linear_start, cfg.linear_end, cfg.timesteps)
+        return cls(make_alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.timesteps))
 
     def _coefficients(self, x, t):
         shape = (-1,) + (1,) * (x.ndim - 1)

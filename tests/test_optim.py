@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from ldm.optim import Adam, DynamicLossScale, clip_grad_norm, learning_rate
+from ldm.training.optim import Adam, DynamicLossScale, clip_grad_norm, learning_rate
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "optim.npz")
 

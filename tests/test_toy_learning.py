@@ -20,7 +20,7 @@ import train_textual_inversion as T
 from data.toy_world import PURPLE_STAR, STYLE
 from ldm.embeddings import load_embedding
 from ldm.pipeline import StableDiffusion
-from ldm.train_config import load_yaml
+from ldm.training.config import load_yaml
 from tools.evaluate_ti import evaluate, share
 
 

@@ -22,7 +22,10 @@ from data.dataset import get_templates
 from ldm.embeddings import load_embedding
 from ldm.pipeline import StableDiffusion
 from ldm.tokenizer import add_placeholder_tokens, placeholder_names
-from ldm.train_config import ConfigError
+from ldm.training.config import ConfigError
+from ldm.training.figures import PLOT_SIZE, save_captioned_grid, save_loss_curve
+from ldm.training.loss import TextualInversionLoss
+from ldm.training.optim import Adam
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "examples", "purple_star")
@@ -58,7 +61,7 @@ def batch(sd):
 
 @pytest.fixture(scope="module")
 def grad_fn(sd):
-    loss = T.TextualInversionLoss(sd.unet, sd.text_encoder, sd.alphas_cumprod, "eps")
+    loss = TextualInversionLoss(sd.unet, sd.text_encoder, sd.alphas_cumprod, "eps")
     return ms.value_and_grad(loss, grad_position=0)
 
 
@@ -77,11 +80,24 @@ def test_gradient_matches_finite_differences(sd, batch, grad_fn):
     assert numeric == pytest.approx(analytic, rel=2e-2, abs=1e-6)
 
 
+def test_recompute_changes_no_gradient(sd, batch, grad_fn):
+    """Gradient checkpointing (train key `recompute`) recomputes the UNet's blocks in the backward."""
+    vectors = ms.Tensor(sd.extra_embeddings.copy())
+    loss, grad = grad_fn(vectors, *batch)
+    model = StableDiffusion.load("1.5", FIXTURE)
+    model.add_placeholder("<t>", sd.extra_embeddings)
+    model.unet.enable_gradient_checkpointing()
+    recomputed = TextualInversionLoss(model.unet, model.text_encoder, model.alphas_cumprod, "eps")
+    loss_r, grad_r = ms.value_and_grad(recomputed, grad_position=0)(vectors, *batch)
+    np.testing.assert_allclose(loss_r.asnumpy(), loss.asnumpy(), rtol=1e-6)
+    np.testing.assert_allclose(grad_r.asnumpy(), grad.asnumpy(), rtol=1e-5, atol=1e-6 * np.abs(grad.asnumpy()).max())
+
+
 def test_only_the_vectors_change(sd, batch, grad_fn):
     cells = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoder}
     before = {f"{k}.{n}": p.asnumpy().copy() for k, c in cells.items() for n, p in c.parameters_and_names()}
     vectors = sd.extra_embeddings.copy()
-    optimizer = T.Adam(vectors.shape, weight_decay=1e-2)
+    optimizer = Adam(vectors.shape, weight_decay=1e-2)
     for _ in range(3):
         _, grad = grad_fn(ms.Tensor(vectors), *batch)
         vectors = optimizer.step(vectors, grad.asnumpy(), 1e-2)
@@ -97,7 +113,7 @@ def test_only_the_vectors_change(sd, batch, grad_fn):
 def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog):
     common = ["--num_vectors", "2", "--gradient_accumulation_steps", "2", "--train_batch_size", "2",
               "--scheduler", "linear", "--start_learning_rate", "5e-3", "--decay_steps", "4",
-              "--ckpt_save_interval", "2"]
+              "--ckpt_save_interval", "2", "--log_interval", "3"]
     validation = ["--validation_prompt", "a photo of <my-shape>", "--validation_steps", "4",
                   "--num_validation_images", "1"]
     handlers = [signal.getsignal(sig) for sig in T.STOP_SIGNALS]
@@ -115,19 +131,29 @@ def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog):
     np.testing.assert_array_equal(card.vectors, emb.vectors)
     first = load_embedding(str(full / "weights" / ckpts[0]))
     assert not np.array_equal(first.vectors, emb.vectors)
+    # a row every log_interval (3) steps and at the last step
     log = (full / "loss_log.csv").read_text().splitlines()
-    assert log[0] == "step,loss,lr,loss_scale,seconds" and len(log) == 5
-    lrs = [float(line.split(",")[2]) for line in log[1:]]
-    assert lrs == pytest.approx([5e-3 + (1e-7 - 5e-3) * s / 4 for s in range(4)])
+    assert log[0] == "step,loss,lr,loss_scale,seconds"
+    rows = [line.split(",") for line in log[1:]]
+    assert [int(r[0]) for r in rows] == [3, 4]
+    assert [float(r[2]) for r in rows] == pytest.approx([5e-3 + (1e-7 - 5e-3) * s / 4 for s in (2, 3)])
     assert (full / "train_config_resolved.yaml").exists()
-    assert Image.open(full / "loss.png").size == (640, 360)
+    assert Image.open(full / "loss.png").size == PLOT_SIZE
+    # the grid of the one 64 px validation image below its caption strip
+    width, height = Image.open(full / "validation" / "step_0000004.png").size
+    assert width == 64 and height > 64
 
     # stop after 2 steps (same schedule), then resume to 4: identical to the uninterrupted run
     assert run(tmp_path, *common, "--max_steps", "2", output="split") == 0
     assert run(tmp_path, *common, "--max_steps", "4", "--resume", "latest", output="split") == 0
     resumed = load_embedding(str(tmp_path / "split" / "weights" / ckpts[1]))
     np.testing.assert_allclose(resumed.vectors, emb.vectors, rtol=0, atol=1e-7)
-    assert len((tmp_path / "split" / "loss_log.csv").read_text().splitlines()) == 5
+    # step 2 was the first run's last: logged; the resumed run logs the full run's losses and learning rates
+    split_log = (tmp_path / "split" / "loss_log.csv").read_text().splitlines()
+    split_rows = [line.split(",") for line in split_log[1:]]
+    assert [int(r[0]) for r in split_rows] == [2, 3, 4]
+    assert [r[2] for r in split_rows[1:]] == [r[2] for r in rows]
+    assert [float(r[1]) for r in split_rows[1:]] == pytest.approx([float(r[1]) for r in rows], rel=1e-5)
 
     # the newest state cut short (disk full, a killed copy): latest resumes from the readable one before it
     newest = tmp_path / "split" / "state" / "train_state_0000004.npz"
@@ -155,6 +181,23 @@ def test_captions_must_fit_the_context():
     T.check_captions_fit(tokenizer, templates, " ".join(names[:limit]), limit)
     with pytest.raises(ConfigError):
         T.check_captions_fit(tokenizer, templates, " ".join(names[:limit + 1]), limit + 1)
+
+
+def test_loss_plot_and_captioned_grid_are_images_of_their_size(tmp_path):
+    # a log with an fp16 overflow step (non-finite loss, not plotted), a one-row log, a constant one
+    steps = np.arange(1, 51)
+    losses = 0.2 + 0.05 * np.random.default_rng(0).standard_normal(50)
+    losses[10] = np.inf
+    logs = [(steps, losses, np.minimum(steps / 10, 1.0) * 1e-3), ([1], [0.3], [1e-3]), ([5, 10], [0.1, 0.1], [0, 0])]
+    for i, log in enumerate(logs):
+        save_loss_curve(tmp_path / f"loss{i}.png", *log)
+        assert Image.open(tmp_path / f"loss{i}.png").size == PLOT_SIZE
+    grid = np.random.default_rng(1).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    save_captioned_grid(tmp_path / "grid.png", grid, ["step 100", "a photo of <my-shape> on a yellow background"])
+    image = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    assert image.shape[1] == 64 and image.shape[0] > 32
+    np.testing.assert_array_equal(image[-32:], grid)  # the grid whole, below its caption
+    assert image[:-32].min() < 128  # the caption's text
 
 
 def _image_dir(tmp_path, name, files):
@@ -226,7 +269,8 @@ def test_sigterm_saves_a_resumable_state(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "train_textual_inversion.py", "--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE,
            "--model_config", "none", "--version", "1.5", "--image_size", "64", "--validation_prompt", "none",
-           "--max_steps", "1000", "--ckpt_save_interval", "1000", "--output_path", str(out)]
+           "--max_steps", "1000", "--ckpt_save_interval", "1000", "--log_interval", "1",
+           "--output_path", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = out / "loss_log.csv"
     deadline = time.time() + 300
@@ -253,7 +297,7 @@ def test_v_prediction_loss_targets_v():
         noise = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
         t = np.array([10, 900], np.int32)
         ids = sd.token_ids(["a photo", "a cat"])
-        loss_net = T.TextualInversionLoss(sd.unet, sd.text_encoder, sd.alphas_cumprod, "v")
+        loss_net = TextualInversionLoss(sd.unet, sd.text_encoder, sd.alphas_cumprod, "v")
         vectors = np.zeros((1, sd.embedding_dim), np.float32)
         loss = float(loss_net(ms.Tensor(vectors), ms.Tensor(latents), ms.Tensor(ids), ms.Tensor(noise), ms.Tensor(t),
                               ms.Tensor(1.0, ms.float32)).asnumpy())

@@ -1,11 +1,12 @@
 import glob
 import logging
 import os
+import stat
 
 import pytest
 import yaml
 
-from ldm.train_config import ConfigError, TrainConfig, config_from_dict, parse_train_config, save_resolved
+from ldm.training.config import ConfigError, TrainConfig, config_from_dict, parse_train_config, save_resolved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ["--train_data_dir", "imgs", "--placeholder_token", "<t>"]
@@ -34,7 +35,7 @@ milestones: [200, 400, 800, 1600, 3200]
 betas: [0.9, 0.98]
 weight_decay: 1e-2
 """)
-    with caplog.at_level(logging.WARNING, logger="ldm.train_config"):
+    with caplog.at_level(logging.WARNING, logger="ldm.training.config"):
         cfg = parse_train_config(["--train_config", path])
     assert cfg.start_learning_rate == pytest.approx(1e-4)
     assert cfg.weight_decay == pytest.approx(1e-2)
@@ -116,7 +117,7 @@ def test_yaml_problems_are_config_errors(tmp_path):
 
 
 def test_ignored_mindone_keys_warn_on_cli(caplog):
-    with caplog.at_level(logging.WARNING, logger="ldm.train_config"):
+    with caplog.at_level(logging.WARNING, logger="ldm.training.config"):
         cfg = parse_train_config(REQUIRED + ["--enable_modelarts", "False", "--sample_batch_size", "4"])
     assert "enable_modelarts" in caplog.text and "sample_batch_size" in caplog.text
     assert not hasattr(cfg, "enable_modelarts")
@@ -147,8 +148,13 @@ def test_save_resolved_round_trip(tmp_path):
     cfg = parse_train_config(REQUIRED + ["--betas", "0.8,0.9", "--max_steps", "none", "--validation_prompt",
                                          "a photo of <t>"])
     out = tmp_path / "run" / "train_config_resolved.yaml"
-    save_resolved(cfg, str(out))
+    previous = os.umask(0o022)
+    try:
+        save_resolved(cfg, str(out))
+    finally:
+        os.umask(previous)
     assert sorted(os.listdir(out.parent)) == ["train_config_resolved.yaml"]  # no temp file left behind
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644  # shareable as the other outputs, not mkstemp's 0600
     raw = yaml.safe_load(out.read_text())
     assert raw["betas"] == [0.8, 0.9] and raw["max_steps"] is None and "train_config" not in raw
     again = parse_train_config(["--train_config", str(out)])

@@ -11,19 +11,20 @@ import difflib
 import logging
 import os
 import sys
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import yaml
 
+from ldm.checkpoint_io import atomic_write
+from ldm.errors import UserInputError
 from ldm.pretrained import VERSIONS
 
 _logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A train-config mistake; the message is one line naming the key."""
 
 
@@ -76,6 +77,9 @@ class TrainConfig:
     loss_scale_factor: float = _opt(2.0, "loss scale growth/shrink factor")
     scale_window: int = _opt(200, "overflow-free steps before the loss scale grows")
     dtype: str = _opt("fp32", "compute dtype of the frozen models", ("fp32", "fp16", "bf16"))
+    recompute: bool = _opt(False, "gradient checkpointing: each UNet block's activations are recomputed in the "
+                                  "backward instead of kept (less memory, about one more UNet forward per step; "
+                                  "graph mode)")
     # model
     version: str = _opt("1.5", "Stable Diffusion version", tuple(VERSIONS))
     model_config: Optional[str] = _opt(None, "model YAML; unset = the version's default")
@@ -89,7 +93,7 @@ class TrainConfig:
     # output, logging, validation
     output_path: str = _opt("output", "folder for embeddings, logs, samples and the resolved config")
     ckpt_save_interval: int = _opt(600, "save the embedding every N steps")
-    log_interval: int = _opt(1, "log the loss every N steps")
+    log_interval: int = _opt(1, "write the step's loss to loss_log.csv every N steps (and at the last step)")
     validation_prompt: Optional[str] = _opt(None, "prompt sampled during training; unset = no validation")
     validation_steps: int = _opt(100, "sample validation images every N steps")
     num_validation_images: int = _opt(4, "images per validation")
@@ -194,6 +198,8 @@ _FOREIGN_KEYS = {
     "repeats": "train_data_repeats",
     "lr_scheduler": "scheduler",
     "lr_warmup_steps": "warmup_steps",
+    "gradient_checkpointing": "recompute",
+    "use_recompute": "recompute",
     "output_dir": "output_path",
     "center_crop": "random_crop",
     "random_flip": "flip_p",
@@ -415,14 +421,7 @@ def config_from_dict(mapping: dict, source: str = "dict", validate: bool = True)
 
 def save_resolved(cfg: TrainConfig, path: str) -> None:
     """Write every resolved key as YAML; atomic, so an interrupted run never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
             yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False, allow_unicode=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
