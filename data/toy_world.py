@@ -53,7 +53,7 @@ STYLE_PHRASES = (", outlined", ", as an outline", ", drawn as an outline")
 # had a tail).
 FILL_PHRASES = (", filled", ", solid", ", solid colour")
 
-# TI's known-answer object. tools/train_toy_model.py trains the base model on purple stars under their
+# TI's known-answer object. tools/dev/train_toy_model.py trains the base model on purple stars under their
 # own words, as SD has seen cat toys;
 # TI's prompt ("a photo of <my-shape>") and initializer ("shape") carry neither word, so TI has to
 # find the concept in embedding space from its images alone.

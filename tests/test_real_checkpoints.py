@@ -7,7 +7,6 @@ full-size stand-ins of the same key sets.
 """
 import logging
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -18,9 +17,7 @@ from ldm.convert import (IGNORED_EMA, IGNORED_NON_EMA, IGNORED_SCHEDULE, IGNORED
                          IGNORED_TRAINING, PARTS, collect_key_reports, compare_keys, ema_name, load_pretrained)
 from ldm.models import build_models, load_model_config
 from ldm.pretrained import get_version
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from check_full_size import KEY_SETS, read_key_list  # noqa: E402
+from tools.check_full_size import KEY_SETS, read_key_list
 
 YAMLS = os.path.join(os.path.dirname(__file__), "fixtures", "yaml")
 

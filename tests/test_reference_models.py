@@ -1,11 +1,10 @@
-"""The tiny reference models (tools/make_reference_fixtures.py) through every layout into our cells.
+"""The tiny reference models (tools/dev/make_reference_fixtures.py) through every layout into our cells.
 
 References were computed by diffusers/transformers in fp32 from the fp16-rounded weights the fixtures
 store, so a correct conversion reproduces them to float32 rounding in either execution mode.
 """
 import os
 import re
-import sys
 
 import mindspore as ms
 import numpy as np
@@ -148,8 +147,7 @@ def test_strict_load_lists_missing_unexpected_and_shape_mismatch(models):
 
 
 def test_inspect_tool_reports_layout_version_and_key_diff():
-    sys.path.insert(0, os.path.join(os.path.dirname(FIXTURES), "..", "tools"))
-    from inspect_checkpoint import describe
+    from tools.inspect_checkpoint import describe
 
     lines = []
     assert describe(os.path.join(FIXTURES, "tiny-sd2.safetensors"), os.path.join(FIXTURES, "tiny-sd2"),

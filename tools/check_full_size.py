@@ -1,8 +1,8 @@
 """Full-size stand-ins of the checkpoints users download, loaded and sampled end to end; optionally
 full-size diffusers models compared forward with ours.
 
-    python tools/check_full_size.py --work /tmp/fullsize [--key-sets sd15_original ...] [--torch-python PY]
-    python tools/check_full_size.py --work /tmp/fullsize --diffusers [--versions 1.5 2.1] --torch-python PY
+    python -m tools.check_full_size --work /tmp/fullsize [--key-sets sd15_original ...] [--torch-python PY]
+    python -m tools.check_full_size --work /tmp/fullsize --diffusers [--versions 1.5 2.1] --torch-python PY
 
 Key sets (tests/fixtures/checkpoint-keys: names and shapes of the real files, from public listings): per
 key set, random fp16 values with exactly those names and shapes, written as the file users have: a
@@ -30,8 +30,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from tools import ROOT
 
 KEY_LISTS = os.path.join(ROOT, "tests", "fixtures", "checkpoint-keys")
 # key set -> the versions whose shipped config it must load with, and whether it has EMA copies to switch to
@@ -146,7 +145,7 @@ def sample(path, version, extract_ema, work):
 
 
 def _child(*args, python=sys.executable):
-    return subprocess.run([python, os.path.abspath(__file__), *args], check=False).returncode == 0
+    return subprocess.run([python, "-m", "tools.check_full_size", *args], check=False).returncode == 0
 
 
 def check_key_set(name, work, torch_python, keep):
@@ -200,8 +199,8 @@ def diffusers_make(version, work):
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from make_reference_fixtures import check_against_diffusers, original_layout, randomize, save_half, text_state
+    from tools.dev.make_reference_fixtures import (check_against_diffusers, original_layout, randomize, save_half,
+                                                   text_state)
 
     arch = ARCHITECTURES[version]
     gen = torch.Generator().manual_seed(0)
@@ -297,7 +296,7 @@ def check_diffusers(version, work, torch_python, keep):
 # ---------------------------------------------------------------------------------------------- command line
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.check_full_size", description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="scratch folder for the multi-GB weight files")
     parser.add_argument("--key-sets", nargs="+", default=list(KEY_SETS), choices=list(KEY_SETS))
     parser.add_argument("--diffusers", action="store_true", help="compare full-size diffusers models instead")
@@ -323,7 +322,7 @@ def main():
 
 def child_main(step, argv):
     """The steps `main` runs in child processes (one model in memory, or the torch interpreter)."""
-    parser = argparse.ArgumentParser(prog=f"check_full_size.py {step}")
+    parser = argparse.ArgumentParser(prog=f"python -m tools.check_full_size {step}")
     parser.add_argument("args", nargs="+")
     parser.add_argument("--work")
     parser.add_argument("--extract-ema", action="store_true")

@@ -1,9 +1,9 @@
 """Convert a Textual Inversion embedding between ours/mindone `_ti.ckpt`, diffusers, A1111/kohya files and A1111 cards.
 
-    python tools/convert_embedding.py learned_embeds.safetensors cat_toy_ti.ckpt --to ti_ckpt --version 1.5
-    python tools/convert_embedding.py cat_toy_ti.ckpt learned_embeds.safetensors --to diffusers
-    python tools/convert_embedding.py cat_toy_ti.ckpt cat-toy.safetensors --to a1111
-    python tools/convert_embedding.py cat_toy_ti.ckpt cat-toy.png --to a1111_card --image preview.png
+    python -m tools.convert_embedding learned_embeds.safetensors cat_toy_ti.ckpt --to ti_ckpt --version 1.5
+    python -m tools.convert_embedding cat_toy_ti.ckpt learned_embeds.safetensors --to diffusers
+    python -m tools.convert_embedding cat_toy_ti.ckpt cat-toy.safetensors --to a1111
+    python -m tools.convert_embedding cat_toy_ti.ckpt cat-toy.png --to a1111_card --image preview.png
 
 Any supported format is read (A1111 `.pt`, A1111 PNG cards, diffusers `.bin` and hub concept repo ids
 such as sd-concepts-library/cat-toy included); the output is written atomically and an existing file is
@@ -17,10 +17,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ldm import embeddings  # noqa: E402
-from ldm.pretrained import VERSIONS  # noqa: E402
+from ldm import embeddings
+from ldm.errors import UserInputError
+from ldm.pretrained import VERSIONS
 
 # the text encoder width of each SD family, to catch a --version that does not fit the vectors
 _VERSION_DIM = {"1": 768, "2": 1024}
@@ -74,7 +73,7 @@ def convert(src, dst, to, token=None, version=None, overwrite=False, image=None)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.convert_embedding", description=__doc__.splitlines()[0])
     parser.add_argument("input", help="embedding file in any supported format")
     parser.add_argument("output", help="file to write (.ckpt for ti_ckpt, .png for a1111_card, else .safetensors)")
     parser.add_argument("--to", required=True, choices=embeddings.FORMATS, help="output format")
@@ -87,7 +86,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         embedding = convert(args.input, args.output, args.to, args.token, args.version, args.overwrite, args.image)
-    except (OSError, ValueError) as err:
+    except (OSError, UserInputError) as err:
         parser.exit(1, f"error: {err}\n")
     print(f"{args.output}: {args.to}, token {embedding.token!r}, {embedding.num_vectors} x {embedding.dim}-d")
     return 0

@@ -1,7 +1,7 @@
 """Known-answer evaluation of a Textual Inversion embedding on the toy-world `tiny` model.
 
-    python tools/evaluate_ti.py --ti_ckpt_path output/tiny/weights/SDvtiny_textual_inversion_300_ti.ckpt
-    python tools/evaluate_ti.py --concept style --ti_ckpt_path output/tiny-style/weights/SDvtiny_textual_inversion_100_ti.ckpt
+    python -m tools.evaluate_ti --ti_ckpt_path output/tiny/weights/SDvtiny_textual_inversion_300_ti.ckpt
+    python -m tools.evaluate_ti --concept style --ti_ckpt_path output/tiny-style/weights/SDvtiny_textual_inversion_100_ti.ckpt
 
 Samples n images per prompt (DPM-Solver++, 20 steps), lets the pixel judge (data/toy_world.py) read
 them, and prints the share of samples that show the concept: with the learned vectors, with the
@@ -16,18 +16,16 @@ its 8 images has one), as a yellow circle on blue for the style (none of its ima
 """
 
 import argparse
-import os
 import sys
 
 import mindspore as ms
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.toy_world import PURPLE_STAR, STYLE, judge  # noqa: E402
-from ldm.embeddings import load_embedding  # noqa: E402
-from ldm.pipeline import StableDiffusion, initial_latents  # noqa: E402
-from ldm.tokenizer import init_vectors, initializer_ids  # noqa: E402
+from data.toy_world import PURPLE_STAR, STYLE, judge
+from ldm.embeddings import check_dim, load_embedding
+from ldm.errors import UserInputError
+from ldm.pipeline import StableDiffusion, initial_latents
+from ldm.tokenizer import init_vectors, initializer_ids
 
 # per concept: its initializer, the (row, prompt) pairs with "{}" for the placeholder, and the
 # columns: (name, judge fields every sample is checked for)
@@ -86,17 +84,21 @@ def evaluate(sd, token, vectors, concept="object", initializer=None, n=64, seed=
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ti_ckpt_path", required=True)
-    p.add_argument("--concept", choices=sorted(CONCEPTS), default="object")
+    p = argparse.ArgumentParser(prog="python -m tools.evaluate_ti", description=__doc__.split("\n")[0])
+    p.add_argument("--ti_ckpt_path", required=True, help="the embedding to judge, in any format text_to_image.py reads")
+    p.add_argument("--concept", choices=sorted(CONCEPTS), default="object", help="what the embedding was trained on")
     p.add_argument("--initializer", default=None, help="default: the concept's (shape / drawing)")
     p.add_argument("--n", type=int, default=64, help="samples per prompt")
-    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1000, help="seed of the initial latents (as text_to_image.py's --seed)")
     args = p.parse_args(argv)
     ms.set_context(mode=ms.GRAPH_MODE)
     sd = StableDiffusion.load("tiny")
-    emb = load_embedding(args.ti_ckpt_path)
-    rows = evaluate(sd, emb.token, emb.vectors, args.concept, args.initializer, args.n, args.seed)
+    try:
+        emb = load_embedding(args.ti_ckpt_path)
+        check_dim(emb, sd.embedding_dim, args.ti_ckpt_path)
+        rows = evaluate(sd, emb.token, emb.vectors, args.concept, args.initializer, args.n, args.seed)
+    except UserInputError as err:
+        p.exit(2, f"error: {err}\n")
     columns = CONCEPTS[args.concept]["columns"]
     print(f"| prompt ({args.n} samples each, DPM-Solver++ 20 steps) | " + " | ".join(c for c, _ in columns) + " |")
     print("|---|" + "---|" * len(columns))

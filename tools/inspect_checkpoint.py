@@ -1,6 +1,6 @@
 """Dry run of loading Stable Diffusion weights: what the file is and whether it fits a model config.
 
-    python tools/inspect_checkpoint.py PATH [--config configs/v2-inference.yaml | DIFFUSERS_FOLDER] [--list]
+    python -m tools.inspect_checkpoint PATH [--config configs/v2-inference.yaml | DIFFUSERS_FOLDER] [--list]
 
 Prints the detected format and layout, how many keys are loaded and which are ignored (by category),
 per model part the tensor count, parameter count, dtypes and key shapes, the SD version and prediction
@@ -13,11 +13,10 @@ import os
 import sys
 from dataclasses import asdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ldm.checkpoint_io import CheckpointError, sniff_format  # noqa: E402
-from ldm.convert import (PARTS, check_fits, collect_key_reports, compare_keys, config_from_diffusers,  # noqa: E402
+from ldm.checkpoint_io import CheckpointError, sniff_format
+from ldm.convert import (PARTS, check_fits, collect_key_reports, compare_keys, config_from_diffusers,
                          infer_config, is_diffusers_folder, load_pretrained, sd_version)
+from ldm.errors import UserInputError
 
 KEY_SHAPES = {
     "unet": ("input_blocks.0.0.weight", "input_blocks.1.1.proj_in.weight",
@@ -97,7 +96,7 @@ def describe(path, config_path=None, list_all=False, out=print, use_ema=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.inspect_checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="weights file (.safetensors/.ckpt/.bin) or diffusers folder")
     parser.add_argument("--config", help="model config YAML or diffusers folder to check the weights against")
     parser.add_argument("--list", action="store_true", help="list every converted tensor name and shape")
@@ -105,7 +104,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         ok = describe(args.path, args.config, args.list, use_ema=args.extract_ema)
-    except CheckpointError as e:
+    except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if ok else 1

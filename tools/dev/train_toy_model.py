@@ -2,7 +2,7 @@
 
 Runs in the dev venv of requirements-dev.txt (torch + diffusers + transformers), never in the product:
 
-    nice -n 5 .venv-dev/bin/python tools/train_toy_model.py --out models/tiny-sd
+    nice -n 5 .venv-dev/bin/python -m tools.dev.train_toy_model --out models/tiny-sd
 
 Stages, each checkpointed under --work so an interrupted run resumes:
   1. image pools from the generator (the base-model pool excludes the held-out triples; the
@@ -114,11 +114,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from data import toy_world as tw  # noqa: E402
-from ldm.tokenizer import bpe_vocab_and_merges, load_tokenizer  # noqa: E402
+from data import toy_world as tw
+from ldm.tokenizer import bpe_vocab_and_merges, load_tokenizer
+from tools import ROOT
 
 
 def log(msg):
@@ -600,8 +598,8 @@ def main():
     lat, scenes = np.concatenate([lat, style_lat]), scenes[:n] + style_scenes
     decoder = None
     if a.decoder_steps and load_vae(os.path.join(a.work, "vae_decoder_ft")) is None:
-        decoder = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--decoder-only", "--work", a.work,
-                                    "--decoder-steps", str(a.decoder_steps), "--decoder-minutes",
+        decoder = subprocess.Popen([sys.executable, "-m", "tools.dev.train_toy_model", "--decoder-only",
+                                    "--work", a.work, "--decoder-steps", str(a.decoder_steps), "--decoder-minutes",
                                     str(a.decoder_minutes), "--vae-batch", str(a.vae_batch), "--seed", str(a.seed),
                                     "--threads", "1"])
         torch.set_num_threads(1)

@@ -17,8 +17,8 @@ numbers stored in expected.npz. Every file is written the way the tool that make
   vectors (`sd_checkpoint` None: A1111 leaves it None when it has no checkpoint hash), so the tests can
   compare our card's text chunk and data stripes with these byte for byte.
 
-    python tools/make_embedding_fixtures.py              # write the fixtures
-    python tools/make_embedding_fixtures.py --read X.png # what A1111's loader finds in a card
+    python -m tools.dev.make_embedding_fixtures              # write the fixtures
+    python -m tools.dev.make_embedding_fixtures --read X.png # what A1111's loader finds in a card
 """
 
 import argparse
@@ -33,12 +33,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from safetensors.torch import save_file
 
+from tools import ROOT
+
 DIM = 8
 SD1_DIM = 768
 # the card's vectors are narrow so the PNGs stay a few KB; the format does not depend on the width
 CARD_DIM = 32
 CARD_SIZE = 64
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "embeddings")
+OUT = os.path.join(ROOT, "tests", "fixtures", "embeddings")
 
 
 # --- A1111's image_embedding.py, followed closely (only the font differs: A1111 ships its own TTF) --------

@@ -1,6 +1,6 @@
 """Write the toy-world TI example image sets that ship in the repo (deterministic).
 
-    python tools/make_toy_dataset.py [--out data/examples]
+    python -m tools.dev.make_toy_dataset [--out data/examples]
 
 - purple_star/: purple stars on every background, the known-answer object concept
   (placeholder <my-shape>, initializer "shape"); the tiny base model never saw a purple star.
@@ -10,14 +10,11 @@
 import argparse
 import os
 import random
-import sys
 
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from data import toy_world as tw  # noqa: E402
+from data import toy_world as tw
+from tools import ROOT
 
 N_IMAGES = 8
 

@@ -2,7 +2,7 @@
 
 Run with an interpreter that has torch and diffusers (the dev venv of requirements-dev.txt):
 
-    .venv-dev/bin/python tools/check_toy_model.py [--model models/tiny-sd] [--guidance 7.5]
+    .venv-dev/bin/python -m tools.dev.check_toy_model [--model models/tiny-sd] [--guidance 7.5]
 
 Rows of the table:
   held-out    "a photo of a {fg} {shape} on a {bg} background" for triples never trained on
@@ -16,15 +16,12 @@ The last column is the share of samples judged outlined: high in the outlined ro
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from data import toy_world as tw  # noqa: E402
+from data import toy_world as tw
+from tools import ROOT
 
 
 def load_pipeline(model):

@@ -1,7 +1,7 @@
 """Write tests/fixtures/pipelines.npz: diffusers' StableDiffusionPipeline images for tests/test_text_to_image.py.
 
 Run with an interpreter that has torch and diffusers (not a project dependency):
-    python tools/make_pipeline_fixtures.py
+    python -m tools.dev.make_pipeline_fixtures
 
 For each tiny reference model (`tiny-sd1`: eps, `tiny-sd2-v`: v-prediction) and each sampler, the pipeline
 is fed the project's documented initial latents (`ldm.pipeline.initial_latents`: iteration j of seed s
@@ -34,12 +34,9 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-from ldm.tokenizer import load_tokenizer  # noqa: E402
-from make_sampler_fixtures import SCHEDULERS  # noqa: E402
+from ldm.tokenizer import load_tokenizer
+from tools import ROOT
+from tools.dev.make_sampler_fixtures import SCHEDULERS
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 OUT_PATH = os.path.join(FIXTURES, "pipelines.npz")

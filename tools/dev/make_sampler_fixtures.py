@@ -3,7 +3,7 @@ reproduces, driven by a deterministic analytic stand-in for the UNet, and how di
 configs.
 
 Run with an interpreter that has torch and diffusers (not a project dependency):
-    python tools/make_sampler_fixtures.py
+    python -m tools.dev.make_sampler_fixtures
 
 Every scheduler is created as users create one from a model folder, `Scheduler.from_config(config)`, so keys
 the config lacks take that scheduler's own defaults. The plain cases use SD 1.5's scheduler_config.json from
@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tools import ROOT
 OUT_PATH = os.path.join(ROOT, "tests", "fixtures", "samplers.npz")
 
 # scheduler/scheduler_config.json of the SD releases on the Hub (runwayml/stable-diffusion-v1-5, now

@@ -2,14 +2,16 @@
 
 Run with an interpreter that has torch (the dev venv of requirements-dev.txt):
 
-    .venv-dev/bin/python tools/make_optim_fixtures.py
+    .venv-dev/bin/python -m tools.dev.make_optim_fixtures
 """
 import os
 
 import numpy as np
 import torch
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "optim.npz")
+from tools import ROOT
+
+OUT = os.path.join(ROOT, "tests", "fixtures", "optim.npz")
 
 
 def trajectory(optim_cls, params0, grads, lrs, weight_decay):

@@ -2,7 +2,7 @@
 
 Run with an interpreter that has torch and diffusers (the dev venv of requirements-dev.txt):
 
-    .venv-dev/bin/python tools/make_reference_fixtures.py
+    .venv-dev/bin/python -m tools.dev.make_reference_fixtures
 
 Random-weight SD1-layout and SD2-layout models (diffusers UNet2DConditionModel / AutoencoderKL,
 transformers CLIPTextModel) small enough to ship, with the real CLIP vocabulary size so real token ids
@@ -28,7 +28,6 @@ import gzip
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
@@ -38,9 +37,8 @@ from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from ldm.convert import unet_from_diffusers, vae_from_diffusers  # noqa: E402
+from ldm.convert import unet_from_diffusers, vae_from_diffusers
+from tools import ROOT
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 PROMPTS = [
