@@ -1,6 +1,6 @@
 """Seconds per image of each sampler at equal steps: ours (MindSpore) against diffusers on the same weights.
 
-    python tools/benchmark_sampling.py --model tiny --size 128 --steps 20 --torch-python PY
+    python -m tools.benchmark_sampling --model tiny --size 128 --steps 20 --torch-python PY
 
 One image per sampler run, classifier-free guidance 7.5 (the UNet sees a batch of 2), timed from token
 ids to uint8 image: text encoder, the sampler's UNet evaluations, VAE decode; the median of `--runs`
@@ -21,16 +21,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_train_step import (diffusers_configs, mindspore_matmul_peak, model_config,  # noqa: E402
-                                  scratch_dir)
-from torch_baseline import (add_arguments, machine_load, matmul_peak, run_child, set_torch_threads,  # noqa: E402
-                            thread_mismatch, torch_python)
+from tools.benchmark_train_step import diffusers_configs, mindspore_matmul_peak, model_config, scratch_dir
+from tools.torch_baseline import (add_arguments, machine_load, matmul_peak, run_child, set_torch_threads,
+                                  thread_mismatch, torch_python)
 
 SAMPLERS = ("ddim", "plms", "dpm_solver", "uni_pc")
 PROMPT = "a photo of a purple star on a yellow background"
@@ -179,10 +176,11 @@ def report(args, mine, theirs, load):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tools.benchmark_sampling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
     parser.add_argument("--size", type=int, default=128, help="image size in pixels")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps per image")
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--runs", type=int, default=3, help="timed runs per sampler and side (the median is shown)")
     parser.add_argument("--mode", type=int, choices=(0, 1), default=0, help="0 graph, 1 PyNative")
@@ -218,7 +216,7 @@ def main():
             spec = dict(folder=folder, unet=unet, text=text, vae=diffusers_vae_config(cfg))
             with open(os.path.join(work, "make.json"), "w") as f:
                 json.dump(spec, f)
-            run_child(python, [os.path.abspath(__file__), "--make-folder", os.path.join(work, "make.json")],
+            run_child(python, ["-m", "tools.benchmark_sampling", "--make-folder", os.path.join(work, "make.json")],
                       mine["threads"])
         # token ids come from our tokenizer: our side runs first
         mine["seconds"], mine["images"], cond, uncond = ours(args, folder, version, dict(latents=latents))
@@ -230,7 +228,7 @@ def main():
             spec_path, out_path = os.path.join(work, "spec.json"), os.path.join(work, "torch_result.json")
             with open(spec_path, "w") as f:
                 json.dump(spec, f)
-            run_child(python, [os.path.abspath(__file__), "--torch-side", spec_path, out_path], mine["threads"])
+            run_child(python, ["-m", "tools.benchmark_sampling", "--torch-side", spec_path, out_path], mine["threads"])
             with open(out_path) as f:
                 theirs = json.load(f)
     report(args, mine, theirs, load)

@@ -1,6 +1,6 @@
 """Time one Textual Inversion train step: ours (MindSpore) against the same work in PyTorch.
 
-    python tools/benchmark_train_step.py --model small --size 256 --batch 1 --mode 0 [--repeat 3]
+    python -m tools.benchmark_train_step --model small --size 256 --batch 1 --mode 0 [--repeat 3]
 
 The step is the training script's: `TextualInversionLoss` (text encoder with the placeholder vectors,
 noising, UNet, MSE) under `ms.value_and_grad(loss_net, grad_position=0)`, i.e. the gradient w.r.t. the
@@ -34,18 +34,16 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import threading
 import time
 
 import numpy as np
 
-from torch_baseline import (add_arguments, machine_load, matmul_peak, run_child, set_torch_threads, thread_mismatch,
-                            torch_python)
+from tools.torch_baseline import (add_arguments, machine_load, matmul_peak, run_child, set_torch_threads,
+                                  thread_mismatch, torch_python)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 NUM_VECTORS = 2
 CAPTION_IDS = [49406, 320, 1125, 539]  # <|startoftext|> a photo of, then the placeholder tokens
@@ -303,6 +301,11 @@ def torch_side(spec_path, out_path):
     # CPU SDPA is invisible to the counter: this is the conv + linear part
     result["counted_forward_flops"] = counter.get_total_flops()
     result["first"], result["median"], result["peak_rss"] = time_calls(step, spec["repeat"], spec["warmup"])
+    if spec["profile"]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            step()
+        ops = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)[:spec["profile"]]
+        result["profile"] = [[e.key, e.count, e.self_cpu_time_total / 1e3] for e in ops]
     result["forward"] = time_calls(forward, spec["repeat"], 0)[1]
     if spec["unet_part"]:
         with torch.no_grad():
@@ -336,13 +339,13 @@ def run_baseline(args, python, threads, cfg, inputs_path, weights):
     from ldm.schedule import make_alphas_cumprod
 
     spec = dict(unet=unet, text=text, weights=weights, inputs=inputs_path, repeat=args.repeat, warmup=args.warmup,
-                unet_part=not args.no_unet_part,
+                unet_part=not args.no_unet_part, profile=args.profile,
                 parameterization=cfg.parameterization,
                 alphas_cumprod=make_alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.timesteps).tolist())
     spec_path, out_path = os.path.join(weights, "spec.json"), os.path.join(weights, "torch_result.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    run_child(python, [os.path.abspath(__file__), "--torch-side", spec_path, out_path], threads)
+    run_child(python, ["-m", "tools.benchmark_train_step", "--torch-side", spec_path, out_path], threads)
     with open(out_path) as f:
         return json.load(f)
 
@@ -371,17 +374,37 @@ def build_ours(cfg, weights):
     return unet, vae, text, make_alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.timesteps)
 
 
+def profile_ours(step, top):
+    """Op time of one `step()` by MindSpore op type (its CPU profiler): [(op, calls, ms)], largest first."""
+    import csv
+    import glob
+    from collections import defaultdict
+    from mindspore import Profiler
+
+    with tempfile.TemporaryDirectory() as folder:
+        profiler = Profiler(output_path=folder)
+        step()
+        profiler.stop()
+        profiler.analyse()
+        [table] = glob.glob(os.path.join(folder, "*", "FRAMEWORK", "cpu_op_detail_info_0.csv"))
+        totals = defaultdict(lambda: [0, 0.0])
+        with open(table, newline="") as f:
+            for row in csv.DictReader(f):
+                totals[row["op_type"]][0] += int(row["op_occurrences"])
+                totals[row["op_type"]][1] += float(row["op_total_time(ms)"])
+    return sorted(([op, calls, ms] for op, (calls, ms) in totals.items()), key=lambda r: -r[2])[:top]
+
+
 def ours(args, cfg, inputs, weights):
     import mindspore as ms
     from mindspore import Tensor, nn
 
     from ldm.pipeline import VAEGraph
-    from train_textual_inversion import TextualInversionLoss
+    from ldm.training.loss import TextualInversionLoss
 
     unet, vae, text, alphas_cumprod = build_ours(cfg, weights)
     if args.recompute:
-        for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
-            block.recompute()
+        unet.enable_gradient_checkpointing()
     loss_net = TextualInversionLoss(unet, text, alphas_cumprod, cfg.parameterization)
     grad_fn = ms.value_and_grad(loss_net, grad_position=0)
     call_args = [Tensor(inputs[k]) for k in ("vectors", "latents", "ids", "noise", "timesteps")]
@@ -404,6 +427,8 @@ def ours(args, cfg, inputs, weights):
         encoder(images)[0].asnumpy()
 
     result["first"], result["median"], result["peak_rss"] = time_calls(step, args.repeat, args.warmup)
+    if args.profile:
+        result["profile"] = profile_ours(step, args.profile)
     _, result["forward"], _ = time_calls(forward, args.repeat, 0)
     _, result["vae_encode"], _ = time_calls(vae_encode, args.repeat, 1)
     if not args.no_unet_part:
@@ -482,6 +507,12 @@ def report(args, cfg, mine, theirs, numpy_peak, load):
                       f"{100 * unet_flops / r['unet_part'] / peak:.0f}% of peak, loss {r['unet_loss']:.6f}")
         if theirs and not no_ratio:
             print(f"  ratio ours/theirs: {mine['unet_part'] / theirs['unet_part']:.2f}")
+    for name, r in (("MindSpore (CPU profiler, by op type)", mine),
+                    ("PyTorch (torch.profiler, self CPU time)", theirs)):
+        if r is not None and "profile" in r:
+            print(f"one profiled step, {name}; op time {sum(ms for _, _, ms in r['profile']):.0f} ms in the top "
+                  f"{len(r['profile'])}:\n| op | calls | ms |\n|---|---:|---:|")
+            print("\n".join(f"| {op} | {calls} | {ms:.1f} |" for op, calls, ms in r["profile"]))
     step, encode = mine["median"], mine["vae_encode"]
     print(f"latent cache: the VAE encode of the batch takes {encode:.3f} s; a step with the cache "
           f"{step:.3f} s, without {step + encode:.3f} s: the cache is {(step + encode) / step:.2f}x faster")
@@ -499,18 +530,22 @@ def report(args, cfg, mine, theirs, numpy_peak, load):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tools.benchmark_train_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("tiny", "small", "sd15", "sd21"), default="tiny")
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (latents are size / 8)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="images per step")
     parser.add_argument("--mode", type=int, choices=(0, 1), default=0, help="0 graph, 1 PyNative")
     parser.add_argument("--jit-level", choices=("O0", "O1"), default="O0")
     parser.add_argument("--threads", type=int, default=0,
                         help="MindSpore's CPU op threads (device_context.cpu.op_tuning.threads_num; 0: its default). "
                              "The threads a matmul actually runs on are measured and given to the baseline")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="timed steps (the median is printed)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
-    parser.add_argument("--recompute", action="store_true", help="cell.recompute() on every UNet block")
+    parser.add_argument("--recompute", action="store_true",
+                        help="gradient checkpointing: every UNet block recomputed in the backward (train key recompute)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timed steps, profile one more step on each side and print its N costliest ops")
     parser.add_argument("--no-unet-part", action="store_true",
                         help="skip timing the UNet part alone (forward + backward to a given context)")
     add_arguments(parser)

@@ -18,8 +18,10 @@ Every CPU workaround of the project lives in this file (measured numbers: docs/p
   256 px 2.18 -> 1.55 s.
 - The backward of a CPU attention keeps about five score-sized buffers until the step ends (SD 1.5 at
   512 px: 2.65 GB per L = 4096 block, 24 GB was not enough), whatever the formulation. Attentions with
-  at least `HOST_ATTENTION_MIN_SCORES` scores therefore run on the host in numpy, in row chunks, and
-  their backward recomputes the probabilities from a kept log-sum-exp (flash-attention style).
+  at least `HOST_ATTENTION_MIN_SCORES` scores therefore run outside the graph, flash-attention style:
+  row chunks of scores made and dropped, the forward keeps the rows' log-sum-exp and the backward
+  recomputes the probabilities from it. The C++ kernel `ldm/modules/kernels/flash_attention.cc`
+  (oneDNN's sgemm, compiled on first use) does it; where it cannot be built, numpy does (slower).
 - `ops.interpolate(scale_factor=..., mode="nearest")` fails on 4-D input on CPU: pass `size=`.
 - `mint.arange` and `mint.nn.functional.conv2d` have no CPU kernel: the cells use `ops.*` and numpy
   constants instead.
@@ -28,12 +30,15 @@ Every CPU workaround of the project lives in this file (measured numbers: docs/p
 GroupNorm (`ops.group_norm`), attention's products (BatchMatMul with transpose_b) and nearest
 upsampling (`ops.interpolate`) were measured against hand-written alternatives and are the faster.
 """
+import functools
 import math
 
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Uniform, Zero, One
+
+from ldm.modules.kernels import compiled_kernel
 
 
 def _on_cpu():
@@ -224,8 +229,12 @@ _attention = _Attention(masked=False)
 _masked_attention = _Attention(masked=True)
 
 
-# 64M scores = 256 MB in float32: SD 1.5's L = 4096 self-attentions at 512 px (134M) go to the host,
-# everything at 256 px (8M) and all cross-attentions stay in the graph, where they are faster.
+# The C++ kernel is faster than the graph's attention from SD 1.5's L = 1024 self-attentions (256 px,
+# 8M scores) up, and keeps none of their scores: those go to it; cross-attentions (77 keys) and the
+# tiny model's attentions, where a call's fixed cost counts, stay in the graph.
+KERNEL_ATTENTION_MIN_SCORES = 2 ** 20
+# numpy is slower than the graph: only what would not fit goes there. 64M scores = 256 MB in float32:
+# SD 1.5's L = 4096 self-attentions at 512 px (134M) go, everything at 256 px stays.
 HOST_ATTENTION_MIN_SCORES = 2 ** 26
 # Rows per host chunk are chosen so that one chunk's scores take about this many elements (32 MB).
 _HOST_CHUNK_SCORES = 2 ** 23
@@ -283,8 +292,29 @@ def _host_bprop(q, k, v, out, dout):
     return _host_backward_op(q, k, v, out[0], out[1], dout[0])
 
 
-_host_attention = ops.Custom(_host_forward, out_shape=lambda q, k, v: (q[:2] + v[2:], q[:2] + [1]),
-                             out_dtype=lambda q, k, v: (q, ms.float32), func_type="pyfunc", bprop=_host_bprop)
+def _attention_shape(q, k, v):
+    return q[:2] + v[2:], q[:2] + [1]
+
+
+_numpy_attention = ops.Custom(_host_forward, out_shape=_attention_shape, out_dtype=lambda q, k, v: (q, ms.float32),
+                              func_type="pyfunc", bprop=_host_bprop)
+
+
+@functools.lru_cache(maxsize=None)
+def host_attention_op():
+    """The op for long attentions on CPU: q, k, v -> (out, rows' log-sum-exp), with its backward; the C++
+    kernel (float32) when it builds, else numpy."""
+    path = compiled_kernel("flash_attention")
+    if path is None:
+        return _numpy_attention
+    backward = ops.Custom(path + ":FlashAttentionBackward", out_shape=lambda q, k, v, o, lse, do: (q, k, v),
+                          out_dtype=lambda q, k, v, o, lse, do: (q, k, v), func_type="aot")
+
+    def bprop(q, k, v, out, dout):
+        return backward(q, k, v, out[0], out[1], dout[0])
+
+    return ops.Custom(path + ":FlashAttentionForward", out_shape=_attention_shape,
+                      out_dtype=lambda q, k, v: (q, ms.float32), func_type="aot", bprop=bprop)
 
 
 def attention(q, k, v, scale, mask=None):
@@ -300,18 +330,24 @@ def attention(q, k, v, scale, mask=None):
 class Attention(nn.Cell):
     """`attention` without a mask, for the UNet's and the VAE's blocks, whose sequences get long.
 
-    On CPU, products with at least `min_host_scores` scores run on the host (see the module docstring).
-    The device is read here, once: graph mode cannot ask for it inside `construct`.
+    On CPU, products with at least `min_host_scores` scores run outside the graph (see the module
+    docstring). The device is read here, once: graph mode cannot ask for it inside `construct`.
     """
 
     def __init__(self, scale):
         super().__init__()
         self.scale = scale
-        self.min_host_scores = HOST_ATTENTION_MIN_SCORES if _on_cpu() else None
+        self.host_attention = host_attention_op() if _on_cpu() else None
+        self.min_host_scores = None
+        if self.host_attention is not None:
+            numpy = self.host_attention is _numpy_attention
+            self.min_host_scores = HOST_ATTENTION_MIN_SCORES if numpy else KERNEL_ATTENTION_MIN_SCORES
 
     def construct(self, q, k, v):
         if self.min_host_scores is not None and q.shape[0] * q.shape[1] * k.shape[1] >= self.min_host_scores:
-            return _host_attention(q * self.scale, k, v)[0]
+            f32 = ms.float32
+            out = self.host_attention((q * self.scale).astype(f32), k.astype(f32), v.astype(f32))[0]
+            return out.astype(q.dtype)
         return attention(q, k, v, self.scale)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
+from ldm.errors import ModelConfigError
 from ldm.modules.layers import Linear, Conv2d, GroupNorm, SiLU, Identity, Upsample, zero_
 from ldm.modules.attention import SpatialTransformer
 
@@ -80,7 +81,7 @@ class UNetModel(nn.Cell):
                  dtype=ms.float32):
         super().__init__()
         if num_heads == -1 and num_head_channels == -1:
-            raise ValueError("UNetModel: set num_heads or num_head_channels")
+            raise ModelConfigError("UNetModel: set num_heads or num_head_channels")
         self.dtype = dtype
         self.freqs = Tensor(timestep_frequencies(model_channels))
         time_embed_dim = model_channels * 4
@@ -135,6 +136,12 @@ class UNetModel(nn.Cell):
         self.out = nn.SequentialCell([
             GroupNorm(norm_num_groups, ch), SiLU(),
             zero_(Conv2d(model_channels, out_channels, 3, padding=1, dtype=dtype))])
+
+    def enable_gradient_checkpointing(self):
+        """Recompute each block's activations in the backward instead of keeping them (graph mode only;
+        diffusers' name, mindone's `use_recompute`): less memory held for the backward, one more forward."""
+        for block in list(self.input_blocks) + [self.middle_block] + list(self.output_blocks):
+            block.recompute()
 
     def construct(self, x, timesteps, context):
         emb = self.time_embed(timestep_embedding(timesteps, self.freqs).astype(self.dtype))
