@@ -77,9 +77,10 @@ class TrainConfig:
     loss_scale_factor: float = _opt(2.0, "loss scale growth/shrink factor")
     scale_window: int = _opt(200, "overflow-free steps before the loss scale grows")
     dtype: str = _opt("fp32", "compute dtype of the frozen models", ("fp32", "fp16", "bf16"))
-    recompute: bool = _opt(False, "gradient checkpointing: each UNet block's activations are recomputed in the "
-                                  "backward instead of kept (less memory, about one more UNet forward per step; "
-                                  "graph mode)")
+    recompute: bool = _opt(False, "gradient checkpointing (graph mode): each UNet block's activations are "
+                                  "recomputed in the backward instead of kept, about one more UNet forward per step "
+                                  "for less memory where the device frees them (on CPU the peak stays: "
+                                  "docs/performance.md)")
     # model
     version: str = _opt("1.5", "Stable Diffusion version", tuple(VERSIONS))
     model_config: Optional[str] = _opt(None, "model YAML; unset = the version's default")
