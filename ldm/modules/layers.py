@@ -17,11 +17,12 @@ Every CPU workaround of the project lives in this file (measured numbers: docs/p
   backward with two. With the BatchMatMul convolution: TI step of the `small` benchmark model at
   256 px 2.18 -> 1.55 s.
 - The backward of a CPU attention keeps about five score-sized buffers until the step ends (SD 1.5 at
-  512 px: 2.65 GB per L = 4096 block, 24 GB was not enough), whatever the formulation. Attentions with
-  at least `HOST_ATTENTION_MIN_SCORES` scores therefore run outside the graph, flash-attention style:
-  row chunks of scores made and dropped, the forward keeps the rows' log-sum-exp and the backward
-  recomputes the probabilities from it. The C++ kernel `ldm/modules/kernels/flash_attention.cc`
-  (oneDNN's sgemm, compiled on first use) does it; where it cannot be built, numpy does (slower).
+  512 px: 2.65 GB per L = 4096 block, 24 GB was not enough), whatever the formulation. Long attentions
+  therefore run outside the graph, flash-attention style: row chunks of scores made and dropped, the
+  forward keeps the rows' log-sum-exp and the backward recomputes the probabilities from it. The C++
+  kernel `ldm/modules/kernels/flash_attention.cc` (oneDNN's sgemm, compiled on first use) takes those
+  with at least `KERNEL_ATTENTION_MIN_SCORES` scores; where it cannot be built, numpy (slower) takes
+  those with at least `HOST_ATTENTION_MIN_SCORES`.
 - `ops.interpolate(scale_factor=..., mode="nearest")` fails on 4-D input on CPU: pass `size=`.
 - `mint.arange` and `mint.nn.functional.conv2d` have no CPU kernel: the cells use `ops.*` and numpy
   constants instead.
