@@ -22,7 +22,7 @@ from PIL import Image, PngImagePlugin
 
 from ldm.checkpoint_io import atomic_write
 from ldm.embeddings import check_dim, load_embedding
-from ldm.errors import UserInputError
+from ldm.errors import USER_ERRORS, UserInputError
 from ldm.pipeline import StableDiffusion, image_grid, initial_latents
 from ldm.pretrained import VERSIONS, get_version
 
@@ -109,7 +109,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return generate(args)
-    except (UserInputError, FileNotFoundError) as err:  # FileNotFoundError: a missing --data_path or --config
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from data.dataset import BatchIterator, TextualInversionDataset
 from ldm.checkpoint_io import atomic_write
 from ldm.embeddings import save_png_card, save_ti_ckpt
-from ldm.errors import UserInputError
+from ldm.errors import USER_ERRORS, UserInputError
 from ldm.pipeline import StableDiffusion, image_grid, initial_latents
 from ldm.tokenizer import initializer_ids, init_vectors, placeholder_names
 from ldm.training.config import ConfigError, parse_train_config, save_resolved
@@ -41,9 +41,6 @@ logger = logging.getLogger("train_textual_inversion")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOG_COLUMNS = ["step", "loss", "lr", "loss_scale", "seconds"]
-
-# Errors caused by the user's input: reported in one line with exit code 2.
-USER_ERRORS = (UserInputError, FileNotFoundError)
 
 
 def main(argv=None):

@@ -18,3 +18,8 @@ class UserInputError(Exception):
 
 class ModelConfigError(UserInputError):
     """A model config (YAML) this project cannot build; the message names the file or the setting."""
+
+
+# What the scripts report in one line with exit code 2: our types, and a file the user named that does
+# not exist (open() of a --config, --data_path or --resume path raises it).
+USER_ERRORS = (UserInputError, FileNotFoundError)
