@@ -1,21 +1,28 @@
 """CLIP text transformer with Hugging Face parameter names.
 
-One class for both flavours: SD1 (OpenAI CLIP ViT-L/14, quick_gelu, 12 layers) and SD2 (OpenCLIP
-ViT-H/14 text tower converted to HF names, exact gelu, the first 23 of 24 layers: SD2 conditions on
-the penultimate layer's output passed through the final layer norm).
+One class for every flavour: SD1 (OpenAI CLIP ViT-L/14, quick_gelu, 12 layers), SD2 (OpenCLIP ViT-H/14
+text tower converted to HF names, exact gelu, the first 23 of 24 layers: SD2 conditions on the
+penultimate layer's output passed through the final layer norm) and SDXL's two (CLIP ViT-L/14 and
+OpenCLIP ViT-bigG/14, all layers kept, both conditioning on the penultimate layer's output WITHOUT the
+final layer norm, `layer="penultimate"`; bigG also gives the pooled output, `projection_dim`).
 
 Clip skip (`CLIPTextModel.set_clip_skip`) counts as A1111's "CLIP stop at last layers" and kohya's
-`clip_skip`: 1 = the model's last layer, N = the output of the N-th layer from the end, always passed
-through the final layer norm. diffusers' `clip_skip` is this minus one. For SD2 the count starts at the
-23rd OpenCLIP layer, the one SD2 conditions on (as diffusers' 23-layer SD2 text encoders do).
+`clip_skip`: 1 = the layer the model conditions on, N = the output of the N-th layer from there down,
+read as that layer is (through the final layer norm for `layer="last"`, without it for "penultimate").
+diffusers' `clip_skip` is this minus one. For SD2 the count starts at the 23rd OpenCLIP layer, the one
+SD2 conditions on (as diffusers' 23-layer SD2 text encoders do); for SDXL at the penultimate layer (as
+diffusers' SDXL pipelines do). The pooled output always comes from all layers.
 """
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer, Normal
 
-from ldm.errors import UserInputError
+from ldm.errors import ModelConfigError, UserInputError
 from ldm.modules.layers import Linear, LayerNorm, attention, gelu, quick_gelu
+
+EOS_TOKEN_ID = 49407   # <|endoftext|>, the same id in OpenAI's and OpenCLIP's vocabulary
+LAYERS = ("last", "penultimate")
 
 
 class Embedding(nn.Cell):
@@ -101,23 +108,26 @@ class CLIPEncoderLayer(nn.Cell):
 
 
 class CLIPEncoder(nn.Cell):
+    """The layers, under HF's `encoder.layers` names; CLIPTextTransformer runs them."""
+
     def __init__(self, layers, width, heads, intermediate_size, use_quick_gelu, epsilon, dtype=ms.float32):
         super().__init__()
         self.layers = nn.CellList([
             CLIPEncoderLayer(width, heads, intermediate_size, use_quick_gelu, epsilon, dtype=dtype)
             for _ in range(layers)])
-        # how many of the layers run (clip skip); graph mode compiles it in as a constant
-        self.num_used_layers = layers
 
-    def construct(self, x, mask):
-        for layer in self.layers[:self.num_used_layers]:
-            x = layer(x, mask)
-        return x
+
+def first_eos(x, input_ids):
+    """`[B, L, D]` -> `[B, D]` float32: each row's hidden state at its first `<|endoftext|>`. Not by argmax
+    over the ids (OpenCLIP, HF): a placeholder id above 49407 would win."""
+    is_eos = (input_ids == EOS_TOKEN_ID).astype(ms.float32)
+    first = is_eos * (ops.cumsum(is_eos, 1) == 1).astype(ms.float32)
+    return (first[..., None] * x.astype(ms.float32)).sum(1)
 
 
 class CLIPTextTransformer(nn.Cell):
     def __init__(self, vocab_size, context_length, width, layers, heads, intermediate_size, use_quick_gelu,
-                 epsilon, dtype=ms.float32):
+                 epsilon, layer="last", pooled=False, dtype=ms.float32):
         super().__init__()
         self.dtype = dtype
         self.embeddings = CLIPTextEmbeddings(vocab_size, context_length, width)
@@ -125,36 +135,65 @@ class CLIPTextTransformer(nn.Cell):
         self.final_layer_norm = LayerNorm(width, eps=epsilon)
         # causal mask added to float32 scores: a large finite negative keeps softmax gradients finite
         self.causal_mask = Tensor(np.triu(np.full((context_length, context_length), -1e9, np.float32), k=1))
+        # how many layers run before the context is read (clip skip lowers it); graph mode compiles it in
+        self.context_layers = layers - LAYERS.index(layer)
+        self.normed_context = layer == "last"
+        self.pooled = pooled
 
     def construct(self, input_ids, extra_embeddings=None):
+        """The context `[B, L, D]`, and with `pooled` also `final_layer_norm(all layers)` at each row's
+        first `<|endoftext|>` `[B, D]` (HF's pooler_output), float32."""
         length = input_ids.shape[1]
+        mask = self.causal_mask[:length, :length]
         x = self.embeddings(input_ids, extra_embeddings).astype(self.dtype)
-        x = self.encoder(x, self.causal_mask[:length, :length])
-        return self.final_layer_norm(x).astype(ms.float32)
+        # indexed, not sliced: a slice of a CellList is a new CellList that renames the layers' parameters
+        for i in range(self.context_layers):
+            x = self.encoder.layers[i](x, mask)
+        context = (self.final_layer_norm(x) if self.normed_context else x).astype(ms.float32)
+        if not self.pooled:
+            return context
+        for i in range(self.context_layers, len(self.encoder.layers)):
+            x = self.encoder.layers[i](x, mask)
+        return context, self.final_layer_norm(first_eos(x, input_ids))
 
 
 class CLIPTextModel(nn.Cell):
-    """`construct(input_ids [B, L] int, extra_embeddings [N, D] or None) -> [B, L, D]` (float32),
-    the hidden state of the layer `clip_skip` selects (the last by default) after the final layer norm."""
+    """`construct(input_ids [B, L] int, extra_embeddings [N, D] or None)` -> the context `[B, L, D]`, or with
+    `projection_dim` > 0 the tuple `(context, pooled [B, projection_dim])` (float32).
+
+    layer: "last" = the context is the last layer's output through the final layer norm (SD 1.x/2.x);
+    "penultimate" = the penultimate layer's output without it (SDXL, diffusers' `hidden_states[-2]`).
+    projection_dim > 0: also the pooled output through `text_projection` (HF CLIPTextModelWithProjection).
+    """
 
     def __init__(self, vocab_size=49408, context_length=77, width=768, layers=12, heads=12,
-                 intermediate_size=3072, use_quick_gelu=True, epsilon=1e-5, dtype=ms.float32):
+                 intermediate_size=3072, use_quick_gelu=True, epsilon=1e-5, layer="last", projection_dim=0,
+                 dtype=ms.float32):
         super().__init__()
+        if layer not in LAYERS:
+            raise ModelConfigError(f"CLIPTextModel: layer {layer!r} must be one of {', '.join(LAYERS)}")
         self.vocab_size = vocab_size
         self.width = width
         self.text_model = CLIPTextTransformer(vocab_size, context_length, width, layers, heads, intermediate_size,
-                                              use_quick_gelu, epsilon, dtype=dtype)
+                                              use_quick_gelu, epsilon, layer, projection_dim > 0, dtype=dtype)
+        self.text_projection = Linear(width, projection_dim, bias=False, dtype=dtype) if projection_dim else None
+        self.conditioning_layer = self.text_model.context_layers
         self.clip_skip = 1
 
     def set_clip_skip(self, clip_skip):
-        """Read the output of the `clip_skip`-th layer from the end (1 = the last). Call it before the
-        first call: a compiled graph keeps the layer count it was compiled with."""
-        layers = len(self.text_model.encoder.layers)
-        if not 1 <= clip_skip <= layers:
-            raise UserInputError(f"clip_skip {clip_skip}: this text encoder has {layers} layers; use --clip_skip "
-                                 f"1 (the last layer, no skip) to {layers}")
+        """Read the context from the `clip_skip`-th layer counted down from the one the model conditions on
+        (1 = that layer). Call it before the first call: a compiled graph keeps the layer count it was
+        compiled with."""
+        top, layers = self.conditioning_layer, len(self.text_model.encoder.layers)
+        if not 1 <= clip_skip <= top:
+            counted = (f"has {layers} layers; use --clip_skip 1 (the last layer, no skip)" if top == layers else
+                       f"conditions on layer {top} of its {layers}; use --clip_skip 1 (layer {top}, no skip)")
+            raise UserInputError(f"clip_skip {clip_skip}: this text encoder {counted} to {top}")
         self.clip_skip = clip_skip
-        self.text_model.encoder.num_used_layers = layers - (clip_skip - 1)
+        self.text_model.context_layers = top - (clip_skip - 1)
 
     def construct(self, input_ids, extra_embeddings=None):
-        return self.text_model(input_ids, extra_embeddings)
+        if self.text_projection is None:
+            return self.text_model(input_ids, extra_embeddings)
+        context, pooled = self.text_model(input_ids, extra_embeddings)
+        return context, self.text_projection(pooled).astype(ms.float32)

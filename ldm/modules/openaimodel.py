@@ -26,6 +26,13 @@ def timestep_embedding(timesteps, freqs):
     return ops.cat([ops.cos(args), ops.sin(args)], axis=-1)
 
 
+def size_embedding(time_ids, dim):
+    """SDXL's size/crop conditioning: `[B, K]` "time ids" -> `[B, K * dim]` float32, each id through the
+    timestep sinusoid (sgm ConcatTimestepEmbedderND; diffusers' add_time_proj)."""
+    b, k = time_ids.shape
+    return timestep_embedding(time_ids.reshape(-1), Tensor(timestep_frequencies(dim))).reshape(b, k * dim)
+
+
 class ResBlock(nn.Cell):
     """GroupNorm-SiLU-conv twice with the timestep embedding added in between, plus a skip."""
 
@@ -73,32 +80,47 @@ class TimestepEmbedSequential(nn.SequentialCell):
 
 
 class UNetModel(nn.Cell):
-    """`construct(x [B,C,h,w], timesteps [B] int, context [B,L,context_dim]) -> [B,out_channels,h,w]`."""
+    """`construct(x [B,C,h,w], timesteps [B] int, context [B,L,context_dim], y=None) -> [B,out_channels,h,w]`.
+
+    transformer_depth: one depth for every level, or one per level (SDXL); the middle block takes the last
+    level's (sgm). adm_in_channels > 0: the UNet needs `y [B, adm_in_channels]` (SDXL: pooled text ++ size
+    embedding), which goes through `label_emb` and is added to the timestep embedding (sgm's num_classes
+    "sequential"); otherwise y is not used.
+    """
 
     def __init__(self, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=(4, 2, 1),
                  num_res_blocks=2, channel_mult=(1, 2, 4, 4), num_heads=8, num_head_channels=-1,
                  transformer_depth=1, context_dim=768, use_linear_in_transformer=False, norm_num_groups=32,
-                 dtype=ms.float32):
+                 adm_in_channels=0, dtype=ms.float32):
         super().__init__()
         if num_heads == -1 and num_head_channels == -1:
             raise ModelConfigError("UNetModel: set num_heads or num_head_channels")
+        depths = ((transformer_depth,) * len(channel_mult) if isinstance(transformer_depth, int)
+                  else tuple(transformer_depth))
+        if len(depths) != len(channel_mult):
+            raise ModelConfigError(f"UNetModel: transformer_depth {tuple(depths)} needs one depth per level of "
+                                   f"channel_mult {tuple(channel_mult)}, or a single number")
         self.dtype = dtype
         self.freqs = Tensor(timestep_frequencies(model_channels))
         time_embed_dim = model_channels * 4
         self.time_embed = nn.SequentialCell([
             Linear(model_channels, time_embed_dim, dtype=dtype), SiLU(),
             Linear(time_embed_dim, time_embed_dim, dtype=dtype)])
+        # nested as in sgm, for the label_emb.0.0 / label_emb.0.2 names
+        self.label_emb = nn.SequentialCell([nn.SequentialCell([
+            Linear(adm_in_channels, time_embed_dim, dtype=dtype), SiLU(),
+            Linear(time_embed_dim, time_embed_dim, dtype=dtype)])]) if adm_in_channels else None
 
         def res_block(ch_in, ch_out):
             return ResBlock(ch_in, time_embed_dim, ch_out, norm_num_groups, dtype=dtype)
 
-        def transformer(ch):
-            # num_head_channels, when set, fixes the head width (SD2); otherwise the head count (SD1)
+        def transformer(ch, depth):
+            # num_head_channels, when set, fixes the head width (SD2, SDXL); otherwise the head count (SD1)
             if num_head_channels != -1:
                 heads, dim_head = ch // num_head_channels, num_head_channels
             else:
                 heads, dim_head = num_heads, ch // num_heads
-            return SpatialTransformer(ch, heads, dim_head, transformer_depth, context_dim,
+            return SpatialTransformer(ch, heads, dim_head, depth, context_dim,
                                       use_linear_in_transformer, norm_num_groups, dtype=dtype)
 
         input_blocks = [TimestepEmbedSequential([Conv2d(in_channels, model_channels, 3, padding=1, dtype=dtype)])]
@@ -109,7 +131,7 @@ class UNetModel(nn.Cell):
                 layers = [res_block(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, depths[level]))
                 input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -118,7 +140,8 @@ class UNetModel(nn.Cell):
                 ds *= 2
         self.input_blocks = nn.CellList(input_blocks)
 
-        self.middle_block = TimestepEmbedSequential([res_block(ch, ch), transformer(ch), res_block(ch, ch)])
+        self.middle_block = TimestepEmbedSequential([res_block(ch, ch), transformer(ch, depths[-1]),
+                                                   res_block(ch, ch)])
 
         output_blocks = []
         for level, mult in list(enumerate(channel_mult))[::-1]:
@@ -126,7 +149,7 @@ class UNetModel(nn.Cell):
                 layers = [res_block(ch + skip_channels.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, depths[level]))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch, dtype=dtype))
                     ds //= 2
@@ -143,8 +166,10 @@ class UNetModel(nn.Cell):
         for block in list(self.input_blocks) + [self.middle_block] + list(self.output_blocks):
             block.recompute()
 
-    def construct(self, x, timesteps, context):
+    def construct(self, x, timesteps, context, y=None):
         emb = self.time_embed(timestep_embedding(timesteps, self.freqs).astype(self.dtype))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y.astype(self.dtype))
         context = context.astype(self.dtype)
         h = x.astype(self.dtype)
         hs = []
