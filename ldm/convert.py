@@ -3,8 +3,10 @@
 Three layouts are read:
 - `original`: the CompVis/Stability single file (`model.diffusion_model.*`, `first_stage_model.*`,
   `cond_stage_model.transformer.*` for SD1's OpenAI CLIP, `cond_stage_model.model.*` for SD2's OpenCLIP
-  with packed `in_proj` attention), `.safetensors` or torch `.ckpt`;
-- `diffusers`: a pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`);
+  with packed `in_proj` attention; SDXL's sgm file: `conditioner.embedders.0.transformer.*` for CLIP ViT-L
+  and `conditioner.embedders.1.model.*` for OpenCLIP ViT-bigG), `.safetensors` or torch `.ckpt`;
+- `diffusers`: a pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; SDXL's
+  also `text_encoder_2/`, `tokenizer_2/`);
 - `mindone`: MindSpore `.ckpt` of mindone's ldm (CompVis names with `gamma/beta`, `embedding_table`,
   wrapped convs `X.conv.weight`, `in_layers_norm`/`in_layers_conv`/..., and its own text encoder names).
 
@@ -28,10 +30,16 @@ from ldm.checkpoint_io import CheckpointError, load_state_dict
 
 logger = logging.getLogger(__name__)
 
-PARTS = ("unet", "vae", "text_encoder")
+PARTS = ("unet", "vae", "text_encoder")   # SD 1.x/2.x; SDXL adds "text_encoder_2" (ldm.models.model_parts)
 ORIGINAL_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}
 OPENAI_PREFIX = "cond_stage_model.transformer."   # SD1 (and mindone's first SD2 release)
 OPENCLIP_PREFIX = "cond_stage_model.model."       # SD2
+# SDXL's sgm conditioner: CLIP ViT-L under HF names, OpenCLIP ViT-bigG under OpenCLIP names
+XL_PREFIXES = {"text_encoder": "conditioner.embedders.0.transformer.",
+               "text_encoder_2": "conditioner.embedders.1.model."}
+# SDXL's vector conditioning: pooled text ++ the embeddings of 6 size/crop numbers (original size, crop
+# top-left, target size: a pair each)
+SIZE_IDS = 6
 
 
 def _rename(sd, rules):
@@ -52,7 +60,9 @@ _RESNET_DIFFUSERS_TO_COMPVIS = (
 
 _UNET_DIFFUSERS_TOP = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+    # SDXL's "text_time" added conditioning (sgm's num_classes "sequential")
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def _resnet_to_compvis(rest):
@@ -159,6 +169,13 @@ def text_from_openai(sd):
             for k, v in sd.items() if not _TEXT_IGNORED.search(k)}
 
 
+def text_with_projection(sd):
+    """diffusers CLIPTextModelWithProjection (SDXL's text_encoder_2) -> our names: as `text_from_openai`,
+    keeping `text_projection.weight` (the pooled output's projection)."""
+    projection = {k: v for k, v in sd.items() if k == "text_projection.weight"}
+    return {**text_from_openai({k: v for k, v in sd.items() if k not in projection}), **projection}
+
+
 _OPENCLIP_TO_HF = (
     (r"^token_embedding\.weight$", "text_model.embeddings.token_embedding.weight"),
     (r"^positional_embedding$", "text_model.embeddings.position_embedding.weight"),
@@ -171,15 +188,19 @@ _OPENCLIP_TO_HF = (
 
 
 def text_from_openclip(sd):
-    """OpenCLIP text tower (`cond_stage_model.model.` stripped, extras set aside) -> our HF names.
+    """OpenCLIP text tower (`cond_stage_model.model.` or `conditioner.embedders.1.model.` stripped, extras
+    set aside) -> our HF names.
 
-    The packed `attn.in_proj_{weight,bias}` rows are q, k, v in that order.
+    The packed `attn.in_proj_{weight,bias}` rows are q, k, v in that order. `text_projection` (kept by
+    SDXL only) is applied by OpenCLIP as `x @ P`: HF's Linear weight is its transpose.
     """
     out = {}
     for key, value in _rename(sd, _OPENCLIP_TO_HF).items():
         if p := re.fullmatch(r"(.+)\.attn\.in_proj_(weight|bias)", key):
             for name, chunk in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
                 out[f"{p.group(1)}.self_attn.{name}.{p.group(2)}"] = chunk
+        elif key == "text_projection":
+            out["text_projection.weight"] = value.T
         else:
             out[key] = value
     return out
@@ -207,18 +228,20 @@ IGNORED_NON_EMA = "non-EMA UNet weights (extract_ema)"
 IGNORED_TEXT_EXTRAS = "CLIP position_ids/logit_scale/text_projection"
 IGNORED_TEXT_LAYERS = "unused text encoder layers"
 
-# LatentDiffusion's registered buffers; our schedule is computed from the model config (ldm.schedule)
+# LatentDiffusion's registered buffers, and sgm's DiscreteDenoiser one (SDXL files saved from sgm's
+# DiffusionEngine; the released sd_xl_base_1.0 has none); our schedule is computed from the model config
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                    "posterior_mean_coef1", "posterior_mean_coef2")
+                    "posterior_mean_coef1", "posterior_mean_coef2", "denoiser.sigmas")
 # LitEma's counters (CompVis/Stability files) and the step count mindone's training checkpoints carry
 TRAINING_KEYS = ("model_ema.decay", "model_ema.num_updates", "global_step")
 EMA_PREFIX = "model_ema."
 # CLIP tensors the text encoder's output does not use: HF position_ids (a buffer), OpenCLIP's contrastive
-# head and its causal mask
-_TEXT_EXTRAS = re.compile(r"cond_stage_model\.(transformer\.(text_model\.)?embeddings\.position_ids"
-                          r"|model\.(logit_scale|text_projection|attn_mask))")
+# head and its causal mask (SDXL's bigG keeps text_projection: the pooled output goes through it)
+_TEXT_EXTRAS = re.compile(r"(cond_stage_model|conditioner\.embedders\.0)\.transformer\.(text_model\.)?embeddings"
+                          r"\.position_ids|cond_stage_model\.model\.(logit_scale|text_projection|attn_mask)"
+                          r"|conditioner\.embedders\.1\.model\.(logit_scale|attn_mask)")
 # OpenCLIP blocks: original SD 2.x files and mindone's text encoders
 _TEXT_BLOCK = re.compile(r"cond_stage_model\.(?:model\.transformer|transformer\.transformer_layer)"
                          r"\.resblocks\.(\d+)\.")
@@ -313,8 +336,8 @@ def _unet_weights(sd, source, use_ema):
 
 
 def split_single_file(sd, source, text_layers=None, use_ema=False):
-    """A single-file SD state dict -> `(parts, report)`: `{"unet","vae","text_encoder"}` in our names and a
-    `KeyReport` (layout, key counts, the keys set aside by category).
+    """A single-file SD state dict -> `(parts, report)`: `{"unet","vae","text_encoder"[,"text_encoder_2"]}` in
+    our names and a `KeyReport` (layout, key counts, the keys set aside by category).
 
     text_layers: how many OpenCLIP blocks to keep; by default an original SD2 file drops its last one
     (SD2 conditions on the penultimate block), while mindone's SD2 files already hold only those.
@@ -337,7 +360,10 @@ def split_single_file(sd, source, text_layers=None, use_ema=False):
 
     claimed = set(used).union(*ignored.values())
     rest = {k: v for k, v in sd.items() if k not in claimed}
-    unexpected = [k for k in rest if not k.startswith((ORIGINAL_PREFIXES["vae"], OPENAI_PREFIX, OPENCLIP_PREFIX))]
+    # one family's text encoders only: an SDXL file's are all under conditioner.*, SD 1.x/2.x's under cond_stage_model.*
+    xl = layout == "original" and any(k.startswith(tuple(XL_PREFIXES.values())) for k in rest)
+    text_prefixes = tuple(XL_PREFIXES.values()) if xl else (OPENAI_PREFIX, OPENCLIP_PREFIX)
+    unexpected = [k for k in rest if not k.startswith((ORIGINAL_PREFIXES["vae"], *text_prefixes))]
     if unexpected:
         raise CheckpointError(f"{source}: unexpected keys, neither Stable Diffusion weights nor known extras: "
                               f"{len(unexpected)} ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
@@ -346,15 +372,17 @@ def split_single_file(sd, source, text_layers=None, use_ema=False):
     if layout == "mindone":
         unet = _rename(unet, _UNET_MINDONE_RULES)
         vae = _rename(vae, _UNET_MINDONE_RULES[:2])
-        text = text_from_openclip(_rename(openclip or openai, _TEXT_MINDONE_TO_OPENCLIP))
-    elif openclip:
-        text = text_from_openclip(openclip)
+        texts = {"text_encoder": text_from_openclip(_rename(openclip or openai, _TEXT_MINDONE_TO_OPENCLIP))}
+    elif xl:
+        texts = {"text_encoder": text_from_openai(_strip(rest, XL_PREFIXES["text_encoder"])),
+                 "text_encoder_2": text_from_openclip(_strip(rest, XL_PREFIXES["text_encoder_2"]))}
     else:
-        text = text_from_openai(openai)
-    if not vae or not text:
-        missing = "first_stage_model.*" if not vae else "cond_stage_model.*"
-        raise CheckpointError(f"{source}: the file has UNet weights but no {missing} weights")
-    parts = {"unet": unet, "vae": vae_attention_as_conv(vae), "text_encoder": text}
+        texts = {"text_encoder": text_from_openclip(openclip) if openclip else text_from_openai(openai)}
+    parts = {"unet": unet, "vae": vae_attention_as_conv(vae), **texts}
+    prefixes = {"vae": ORIGINAL_PREFIXES["vae"], **(XL_PREFIXES if xl else {"text_encoder": "cond_stage_model."})}
+    for part, prefix in prefixes.items():
+        if not parts[part]:
+            raise CheckpointError(f"{source}: the file has UNet weights but no {prefix}* weights")
     return parts, KeyReport(layout, len(sd), {k: v for k, v in ignored.items() if v})
 
 
@@ -364,6 +392,7 @@ _DIFFUSERS_WEIGHT_NAMES = {
     "unet": ("diffusion_pytorch_model", "model"),
     "vae": ("diffusion_pytorch_model", "model"),
     "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),
 }
 
 
@@ -415,9 +444,9 @@ def _diffusers_heads(unet, source):
     raise CheckpointError(f"{source}: attention heads {heads} for channels {channels} have no CompVis equivalent")
 
 
-def _pad_token(folder):
+def _pad_token(folder, tokenizer="tokenizer"):
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        pad = read_json(os.path.join(folder, "tokenizer", name), required=False).get("pad_token")
+        pad = read_json(os.path.join(folder, tokenizer, name), required=False).get("pad_token")
         if isinstance(pad, dict):
             pad = pad.get("content")
         if pad:
@@ -425,13 +454,53 @@ def _pad_token(folder):
     return None
 
 
+def _diffusers_text_config(folder, part, xl):
+    """`TextEncoderConfig` of `text_encoder/` or SDXL's `text_encoder_2/` (its pad token from the tokenizer
+    folder beside it; SDXL conditions both on the penultimate layer, the second also gives the pooled output)."""
+    from ldm.models import TextEncoderConfig
+
+    path = os.path.join(folder, part, "config.json")
+    text = read_json(path)
+    act = text.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise CheckpointError(f"{path}: hidden_act {act!r} is not supported")
+    pad = _pad_token(folder, part.replace("text_encoder", "tokenizer"))
+    return TextEncoderConfig(
+        vocab_size=text.get("vocab_size", 49408), context_length=text.get("max_position_embeddings", 77),
+        width=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
+        intermediate_size=text["intermediate_size"], use_quick_gelu=act == "quick_gelu",
+        epsilon=float(text.get("layer_norm_eps", 1e-5)),
+        pad_token=pad or ("<|endoftext|>" if act == "quick_gelu" else "!"),
+        layer="penultimate" if xl else "last",
+        projection_dim=int(text.get("projection_dim", 0)) if part == "text_encoder_2" else 0)
+
+
+def _diffusers_depth(unet, source):
+    """CompVis transformer_depth from `transformer_layers_per_block`: one number, or one per level (SDXL)."""
+    depth = unet.get("transformer_layers_per_block", 1)
+    if isinstance(depth, int):
+        return depth
+    if not all(isinstance(d, int) for d in depth):
+        raise CheckpointError(f"{source}: per-block transformer depths {depth} are not supported (one per level is)")
+    return depth[0] if len(set(depth)) == 1 else tuple(depth)
+
+
+def _diffusers_adm(unet, source):
+    """`(adm_in_channels, size_embedding_dim)` of SDXL's "text_time" added conditioning; (0, None) without."""
+    added = unet.get("addition_embed_type")
+    if added is None:
+        return 0, None
+    if added != "text_time":
+        raise CheckpointError(f"{source}: addition_embed_type {added!r} is not supported (SDXL's is 'text_time')")
+    return int(unet["projection_class_embeddings_input_dim"]), int(unet["addition_time_embed_dim"])
+
+
 def config_from_diffusers(folder):
     """`ModelConfig` from a diffusers folder's `config.json` files and scheduler config."""
-    from ldm.models import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+    from ldm.models import ModelConfig, UNetConfig, VAEConfig
 
     unet = read_json(os.path.join(folder, "unet", "config.json"))
     vae = read_json(os.path.join(folder, "vae", "config.json"))
-    text = read_json(os.path.join(folder, "text_encoder", "config.json"))
     sched = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), required=False)
     source = os.path.join(folder, "unet", "config.json")
 
@@ -439,11 +508,12 @@ def config_from_diffusers(folder):
     if any(c % channels[0] for c in channels):
         raise CheckpointError(f"{source}: block_out_channels {channels} are not multiples of the first")
     attention_levels = [2 ** i for i, t in enumerate(unet["down_block_types"]) if t.startswith("CrossAttn")]
-    depth = unet.get("transformer_layers_per_block", 1)
-    if not isinstance(depth, int):
-        if len(set(depth)) != 1:
-            raise CheckpointError(f"{source}: per-level transformer depths {depth} are not supported")
-        depth = depth[0]
+    depth = _diffusers_depth(unet, source)
+    adm_in_channels, size_embedding_dim = _diffusers_adm(unet, source)
+    xl = os.path.isdir(os.path.join(folder, "text_encoder_2"))
+    if xl != bool(adm_in_channels):
+        have, lack = ("text_encoder_2/", "addition_embed_type 'text_time' in unet/config.json")[::1 if xl else -1]
+        raise CheckpointError(f"{folder}: has {have} but no {lack}; an SDXL folder has both, an SD 1.x/2.x one neither")
     num_heads, num_head_channels = _diffusers_heads(unet, source)
     unet_cfg = UNetConfig(
         in_channels=unet.get("in_channels", 4), out_channels=unet.get("out_channels", 4),
@@ -452,7 +522,7 @@ def config_from_diffusers(folder):
         num_heads=num_heads, num_head_channels=num_head_channels, transformer_depth=depth,
         context_dim=unet.get("cross_attention_dim", 768),
         use_linear_in_transformer=bool(unet.get("use_linear_projection", False)),
-        norm_num_groups=unet.get("norm_num_groups", 32))
+        norm_num_groups=unet.get("norm_num_groups", 32), adm_in_channels=adm_in_channels)
 
     vae_channels = list(vae["block_out_channels"])
     vae_cfg = VAEConfig(
@@ -462,22 +532,14 @@ def config_from_diffusers(folder):
         embed_dim=vae.get("latent_channels", 4), resolution=vae.get("sample_size", 256),
         norm_num_groups=vae.get("norm_num_groups", 32))
 
-    act = text.get("hidden_act", "quick_gelu")
-    if act not in ("quick_gelu", "gelu"):
-        raise CheckpointError(f"{os.path.join(folder, 'text_encoder', 'config.json')}: hidden_act {act!r} is not supported")
-    text_cfg = TextEncoderConfig(
-        vocab_size=text.get("vocab_size", 49408), context_length=text.get("max_position_embeddings", 77),
-        width=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
-        intermediate_size=text["intermediate_size"], use_quick_gelu=act == "quick_gelu",
-        epsilon=float(text.get("layer_norm_eps", 1e-5)),
-        pad_token=_pad_token(folder) or ("<|endoftext|>" if act == "quick_gelu" else "!"))
-
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise CheckpointError(f"{folder}: scheduler prediction_type {prediction!r} is not supported")
     defaults = ModelConfig()
     return ModelConfig(
-        unet=unet_cfg, vae=vae_cfg, text_encoder=text_cfg,
+        unet=unet_cfg, vae=vae_cfg, text_encoder=_diffusers_text_config(folder, "text_encoder", xl),
+        text_encoder_2=_diffusers_text_config(folder, "text_encoder_2", xl) if xl else None,
+        size_embedding_dim=size_embedding_dim or defaults.size_embedding_dim,
         parameterization="v" if prediction == "v_prediction" else "eps",
         linear_start=float(sched.get("beta_start", defaults.linear_start)),
         linear_end=float(sched.get("beta_end", defaults.linear_end)),
@@ -487,16 +549,21 @@ def config_from_diffusers(folder):
 
 
 def load_diffusers_folder(folder):
-    """`(parts, KeyReport)`: the three state dicts of a diffusers folder in our names, and what became of
-    their keys (older transformers versions saved CLIP's position_ids buffer)."""
+    """`(parts, KeyReport)`: the state dicts of a diffusers folder in our names (SDXL's text_encoder_2 too,
+    when the folder has one), and what became of their keys (older transformers versions saved CLIP's
+    position_ids buffer)."""
     converters = {"unet": unet_from_diffusers, "vae": vae_from_diffusers, "text_encoder": text_from_openai}
+    if os.path.isdir(os.path.join(folder, "text_encoder_2")):
+        converters["text_encoder_2"] = text_with_projection
     parts, report = {}, KeyReport("diffusers", 0)
+    extras = []
     for part, convert in converters.items():
         sd = load_state_dict(_diffusers_weight_file(folder, part))
         report.total += len(sd)
-        if extras := [f"{part}/{k}" for k in sd if part == "text_encoder" and _TEXT_IGNORED.search(k)]:
-            report.ignored[IGNORED_TEXT_EXTRAS] = extras
+        extras += [f"{part}/{k}" for k in sd if part.startswith("text_encoder") and _TEXT_IGNORED.search(k)]
         parts[part] = convert(sd)
+    if extras:
+        report.ignored[IGNORED_TEXT_EXTRAS] = extras
     return parts, report
 
 
@@ -506,22 +573,45 @@ def _count(sd, pattern):
     return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
 
 
+# SDXL base's settings that its weights do not tell
+XL_SCALE_FACTOR = 0.13025
+XL_IMAGE_SIZE = 1024
+
+
+def _text_config_from_weights(text, openclip, layer="last"):
+    from ldm.models import TextEncoderConfig
+
+    token = text["text_model.embeddings.token_embedding.weight"]
+    width = token.shape[1]
+    projection = text.get("text_projection.weight")
+    return TextEncoderConfig(
+        vocab_size=token.shape[0], width=width,
+        context_length=text["text_model.embeddings.position_embedding.weight"].shape[0],
+        layers=_count(text, r"text_model\.encoder\.layers\.(\d+)\."), heads=max(width // 64, 1),
+        intermediate_size=text["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        use_quick_gelu=not openclip, pad_token="!" if openclip else "<|endoftext|>", layer=layer,
+        projection_dim=projection.shape[0] if projection is not None else 0)
+
+
 def infer_config(parts, text_flavour=None):
     """A `ModelConfig` with every shape-determining field read from converted weights.
 
     What weights cannot tell (head counts, group counts, schedule, parameterization) comes from the SD
     release of the same family: SD1 (8 heads, OpenAI CLIP) when the transformers' proj_in is a 1x1 conv,
-    SD2 (64-wide heads, OpenCLIP) when it is linear. `text_flavour` ('openai' or 'openclip') overrides
-    the text encoder's activation and pad token when the layout says which CLIP it is.
+    SD2 (64-wide heads, OpenCLIP) when it is linear, SDXL base (64-wide heads, CLIP ViT-L and OpenCLIP
+    bigG both read at the penultimate layer, its scale factor and size) when there is a `text_encoder_2`.
+    `text_flavour` ('openai' or 'openclip') overrides the text encoder's activation and pad token when the
+    layout says which CLIP it is. A level without attention gets transformer depth 1 (as SDXL's configs
+    write it), except the last, whose depth is the middle block's.
     """
-    from ldm.models import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+    from ldm.models import ModelConfig, UNetConfig, VAEConfig
 
     unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
     proj_in = next((v for k, v in unet.items() if k.endswith(".proj_in.weight")), None)
     linear = proj_in is not None and proj_in.ndim == 2
     model_channels = unet["input_blocks.0.0.weight"].shape[0]
 
-    mults, attention, level, blocks_in_level, num_res_blocks = [], [], 0, 0, None
+    mults, attention, depths, level, blocks_in_level, num_res_blocks = [], [], [], 0, 0, None
     for i in range(1, _count(unet, r"input_blocks\.(\d+)\.")):
         if f"input_blocks.{i}.0.op.weight" in unet:
             num_res_blocks = num_res_blocks or blocks_in_level
@@ -529,17 +619,22 @@ def infer_config(parts, text_flavour=None):
             continue
         if blocks_in_level == 0:
             mults.append(unet[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] // model_channels)
+            depths.append(_count(unet, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\."))
             if f"input_blocks.{i}.1.norm.weight" in unet:
                 attention.append(2 ** level)
         blocks_in_level += 1
-    depth = _count(unet, r"(?:input_blocks|middle_block)\.\d+\.1\.transformer_blocks\.(\d+)\.")
+    middle = _count(unet, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+    depths = [d or 1 for d in depths[:-1]] + [depths[-1] or max(middle, 1)]
     context = next((v.shape[1] for k, v in unet.items() if k.endswith("attn2.to_k.weight")), 768)
+    label_emb = unet.get("label_emb.0.0.weight")
     unet_cfg = UNetConfig(
         in_channels=unet["input_blocks.0.0.weight"].shape[1], out_channels=unet["out.2.weight"].shape[0],
         model_channels=model_channels, attention_resolutions=tuple(attention),
         num_res_blocks=num_res_blocks or blocks_in_level, channel_mult=tuple(mults),
-        num_heads=-1 if linear else 8, num_head_channels=64 if linear else -1, transformer_depth=max(depth, 1),
-        context_dim=context, use_linear_in_transformer=linear)
+        num_heads=-1 if linear else 8, num_head_channels=64 if linear else -1,
+        transformer_depth=depths[0] if len(set(depths)) == 1 else tuple(depths),
+        context_dim=context, use_linear_in_transformer=linear,
+        adm_in_channels=label_emb.shape[1] if label_emb is not None else 0)
 
     ch = vae["encoder.conv_in.weight"].shape[0]
     z = vae["decoder.conv_in.weight"].shape[1]
@@ -551,39 +646,45 @@ def infer_config(parts, text_flavour=None):
         embed_dim=vae["post_quant_conv.weight"].shape[1],
         double_z=vae["encoder.conv_out.weight"].shape[0] == 2 * z)
 
-    openclip = (text_flavour or ("openclip" if linear else "openai")) == "openclip"
-    token = text["text_model.embeddings.token_embedding.weight"]
-    width = token.shape[1]
-    text_cfg = TextEncoderConfig(
-        vocab_size=token.shape[0], width=width,
-        context_length=text["text_model.embeddings.position_embedding.weight"].shape[0],
-        layers=_count(text, r"text_model\.encoder\.layers\.(\d+)\."), heads=max(width // 64, 1),
-        intermediate_size=text["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        use_quick_gelu=not openclip, pad_token="!" if openclip else "<|endoftext|>")
-    return ModelConfig(unet=unet_cfg, vae=vae_cfg, text_encoder=text_cfg)
+    if "text_encoder_2" not in parts:
+        openclip = (text_flavour or ("openclip" if linear else "openai")) == "openclip"
+        return ModelConfig(unet=unet_cfg, vae=vae_cfg, text_encoder=_text_config_from_weights(text, openclip))
+    text_2 = _text_config_from_weights(parts["text_encoder_2"], openclip=True, layer="penultimate")
+    return ModelConfig(
+        unet=unet_cfg, vae=vae_cfg, text_encoder=_text_config_from_weights(text, False, "penultimate"),
+        text_encoder_2=text_2, scale_factor=XL_SCALE_FACTOR, image_size=XL_IMAGE_SIZE,
+        size_embedding_dim=(unet_cfg.adm_in_channels - text_2.projection_dim) // SIZE_IDS)
 
 
 def sd_version(cfg):
-    """'2.x' for the SD2 family (linear transformer projections, OpenCLIP), '1.x' otherwise."""
+    """'xl' for SDXL (a second text encoder), '2.x' for the SD2 family (linear transformer projections,
+    OpenCLIP), '1.x' otherwise."""
+    if cfg.text_encoder_2 is not None:
+        return "xl"
     return "2.x" if cfg.unet.use_linear_in_transformer else "1.x"
 
 
 # what the weights' shapes determine, compared by meaning (`ldm.models.config_differences`)
+_TEXT_SHAPE_FIELDS = ("vocab_size", "width", "layers", "intermediate_size", "context_length", "projection_dim")
 _SHAPE_FIELDS = tuple(f"{part}.{name}" for part, names in {
     "unet": ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
-             "attention_resolutions", "context_dim", "use_linear_in_transformer", "transformer_depth"),
+             "attention_resolutions", "context_dim", "use_linear_in_transformer", "transformer_depth",
+             "adm_in_channels"),
     "vae": ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim"),
-    "text_encoder": ("vocab_size", "width", "layers", "intermediate_size", "context_length"),
-}.items() for name in names)
+    "text_encoder": _TEXT_SHAPE_FIELDS,
+    "text_encoder_2": _TEXT_SHAPE_FIELDS,
+}.items() for name in names) + ("size_embedding_dim",)
+_VERSION_NAMES = {"1.x": "1.x", "2.x": "2.x", "xl": "XL"}
 
 
 def check_fits(weights_cfg, cfg, source):
     """One-line CheckpointError when the weights' architecture differs from the model config's."""
     from ldm.models import config_differences
 
-    if sd_version(weights_cfg) != sd_version(cfg):
-        raise CheckpointError(f"{source}: holds Stable Diffusion {sd_version(weights_cfg)} weights, "
-                              f"but the model config is for SD {sd_version(cfg)}")
+    weights_version, config_version = (_VERSION_NAMES[sd_version(c)] for c in (weights_cfg, cfg))
+    if weights_version != config_version:
+        raise CheckpointError(f"{source}: holds Stable Diffusion {weights_version} weights, but the model config is "
+                              f"for SD {config_version}; use the config (or --version) of the weights' version")
     diffs = [f"{name} {ours} in the file vs {theirs} in the config"
              for name, ours, theirs in config_differences(weights_cfg, cfg, _SHAPE_FIELDS)]
     if diffs:
@@ -593,7 +694,8 @@ def check_fits(weights_cfg, cfg, source):
 # ---------------------------------------------------------------------------------------------- entry points
 
 def load_pretrained(path, model_config=None, use_ema=False):
-    """`(ModelConfig, {"unet","vae","text_encoder"}: {name: ndarray}, layout)` for a file or diffusers folder.
+    """`(ModelConfig, {part: {name: ndarray}}, layout)` for a file or diffusers folder; the parts are
+    `ldm.models.model_parts` of the config: unet, vae, text_encoder, and SDXL's text_encoder_2.
 
     With `model_config`, the weights must fit it (one-line CheckpointError otherwise) and it is returned;
     without, the config comes from the folder's config files or, for a single file, from the weights'
@@ -660,13 +762,13 @@ def load_into(cell, state_dict, what, source):
 
 
 def build_pretrained(path, model_config=None, dtype=None, use_ema=False):
-    """`(ModelConfig, (unet, vae, text_encoder), layout)`: the cells built and loaded from `path` (see
-    `load_pretrained` for `model_config` and `use_ema`)."""
+    """`(ModelConfig, (unet, vae, text_encoder[, text_encoder_2]), layout)`: the cells built and loaded from
+    `path` (see `load_pretrained` for `model_config` and `use_ema`)."""
     import mindspore as ms
-    from ldm.models import build_models
+    from ldm.models import build_models, model_parts
 
     cfg, parts, layout = load_pretrained(path, model_config, use_ema)
     cells = build_models(cfg, dtype=dtype or ms.float32)
-    for cell, part in zip(cells, PARTS):
+    for cell, part in zip(cells, model_parts(cfg)):
         load_into(cell, parts[part], part, path)
     return cfg, cells, layout

@@ -92,6 +92,14 @@ VERSIONS = {
             "v2-1_768-ema-pruned.safetensors",
             ("sd_v2-1_768_v-061732d1.ckpt",),
         ),
+        Version(
+            "xl",
+            "SDXL base 1.0",
+            "configs/xl-inference.yaml",
+            1024,
+            ("stabilityai/stable-diffusion-xl-base-1.0",),
+            "sd_xl_base_1.0.safetensors",
+        ),
         Version("tiny", "tiny SD", "configs/tiny-inference.yaml", 128, local_names=("tiny-sd",)),
     )
 }

@@ -69,9 +69,10 @@ def test_version_table_names_repos_and_files_that_exist():
         ("2.1", "v2-1_512-ema-pruned.safetensors"),
         ("2.0-v", "768-v-ema.safetensors"),
         ("2.1-v", "v2-1_768-ema-pruned.safetensors"),
+        ("xl", "sd_xl_base_1.0.safetensors"),
     ],
 )
-def test_sd2_offline_errors_name_their_file(offline, version, filename):
+def test_sd2_and_xl_offline_errors_name_their_file(offline, version, filename):
     with pytest.raises(pretrained.WeightsNotFoundError, match=f"put {filename} in"):
         pretrained.resolve_weights(version, models_dir=str(offline), cache_dir=str(offline / "cache"))
 
@@ -102,14 +103,14 @@ def test_tiny_needs_no_download(tmp_path):
 
 
 def test_unknown_version_lists_valid_ones():
-    valid = "1.5, 2.0, 2.1, 2.0-v, 2.1-v, tiny"
+    valid = "1.5, 2.0, 2.1, 2.0-v, 2.1-v, xl, tiny"
     with pytest.raises(UserInputError, match=f"unknown SD version '3.0'; valid versions: {valid}"):
         pretrained.get_version("3.0")
 
 
 def test_version_table():
     assert {v: pretrained.get_version(v).image_size for v in pretrained.VERSIONS} == {
-        "1.5": 512, "2.0": 512, "2.1": 512, "2.0-v": 768, "2.1-v": 768, "tiny": 128,
+        "1.5": 512, "2.0": 512, "2.1": 512, "2.0-v": 768, "2.1-v": 768, "xl": 1024, "tiny": 128,
     }
     vpred = os.path.join(pretrained.ROOT, "configs/v2-vpred-inference.yaml")
     assert pretrained.get_version("2.1-v").config_path == vpred
