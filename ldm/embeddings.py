@@ -1,21 +1,31 @@
 """Textual Inversion embedding files: read every common format, write ours, the two portable ones and A1111 cards.
 
-Formats (recognised by content, not by file name):
+An SD 1.x/2.x embedding is one set of vectors `[N, dim]`; an SDXL one is two sets with the same N, `[N, 768]`
+for CLIP ViT-L (`clip_l`) and `[N, 1280]` for OpenCLIP ViT-bigG (`clip_g`). Formats (recognised by content,
+not by file name):
 
 - `ti_ckpt`: ours and mindone's `*_ti.ckpt`, a MindSpore checkpoint with one parameter whose name ends
   in `embedding_table` holding the `[N, dim]` vectors, plus `placeholder_token` (str) and `num_vectors`
-  (int); ours also stores `version` and `embedding_dim`.
-- `diffusers`: `learned_embeds.safetensors` / `.bin`, `{token: [n, dim] or [dim]}`.
-- `a1111`: A1111's `.pt` (`string_to_param["*"]`) and A1111/kohya `.safetensors` (`emb_params`).
+  (int); ours also stores `version` and `embedding_dim`. SDXL: the two parameters mindone's SDXL
+  TextualInversionManager saves (`XL_PARAMS`), and in ours `version` "xl", `embedding_dim` and `embedding_dim_2`.
+- `diffusers`: `learned_embeds.safetensors` / `.bin`, `{token: [n, dim] or [dim]}`. SDXL: diffusers'
+  textual_inversion_sdxl.py writes a pair, `learned_embeds*.safetensors` (text_encoder) and
+  `learned_embeds_2*.safetensors` (text_encoder_2) side by side (`_2` also in its `-steps-N` names); either
+  file of a pair reads as the whole embedding.
+- `a1111`: A1111's `.pt` (`string_to_param["*"]`) and A1111/kohya `.safetensors` (`emb_params`); SDXL:
+  `{"clip_l": [N, 768], "clip_g": [N, 1280]}` as kohya's sdxl_train_textual_inversion.py writes it in a
+  `.safetensors` or `.pt` (what A1111 and ComfyUI read).
   A1111 names an embedding after its file, so the token is the file's stem (the `name` inside a .pt is
   ignored, as A1111 ignores it).
 - `a1111_card`: A1111's embedding card, a PNG preview image carrying the `.pt`'s dict as base64 JSON in an
   `sd-ti-embedding` text chunk and, again, zlib-compressed in two pixel stripes beside the image (so a card
-  whose text chunk was stripped still loads). The token is the card's `name`, as in A1111.
+  whose text chunk was stripped still loads). The token is the card's `name`, as in A1111. SD 1.x/2.x only:
+  A1111 trains no SDXL embeddings, so there are no SDXL cards.
 
 A name that is not a file but reads `owner/name` is a hub concept repo (sd-concepts-library style:
-`learned_embeds.safetensors` or `.bin`, the token in `token_identifier.txt`), fetched through the Hugging
-Face cache. Vectors are returned as float32 `[n, dim]`; `token` can always be overridden by the caller.
+`learned_embeds.safetensors` or `.bin`, the token in `token_identifier.txt`; an SDXL repo of diffusers'
+script also has `learned_embeds_2.*`), fetched through the Hugging Face cache. Vectors are returned as
+float32 `[n, dim]`; `token` can always be overridden by the caller.
 """
 
 import base64
@@ -25,6 +35,7 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
@@ -37,7 +48,12 @@ FORMATS = ("ti_ckpt", "diffusers", "a1111", "a1111_card")
 # mindone's text encoder parameter names: OpenAI CLIP (SD 1.x) and OpenCLIP (SD 2.x)
 SD1_PARAM = "cond_stage_model.transformer.embedding_table"
 SD2_PARAM = "cond_stage_model.model.token_embedding.embedding_table"
-_DIM_FAMILY = {768: "SD 1.x", 1024: "SD 2.x"}
+# mindone's SDXL parameter names (GeneralConditioner's CLIP ViT-L, then OpenCLIP ViT-bigG)
+XL_PARAMS = ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.embedding_table",
+             "conditioner.embedders.1.model.token_embedding.embedding_table")
+_FAMILY = {(768,): "SD 1.x", (1024,): "SD 2.x", (768, 1280): "SDXL"}
+# diffusers' names for the two files of an SDXL embedding, e.g. learned_embeds_2-steps-500.safetensors
+_PAIR_NAME = re.compile(r"learned_embeds(_2)?(?=[-.])")
 CARD_KEY = "sd-ti-embedding"
 # a card's JSON is ~20 bytes a value (75 vectors of 1024 make 1.5 MB): the cap only stops a zlib bomb
 _MAX_CARD_JSON = 64 << 20
@@ -53,8 +69,13 @@ class EmbeddingError(CheckpointError):
 @dataclass
 class Embedding:
     token: str
-    vectors: np.ndarray  # [n, dim] float32
+    vectors: np.ndarray  # [n, dim] float32; SDXL: CLIP ViT-L's
     source_format: str  # one of FORMATS
+    vectors_2: Optional[np.ndarray] = None  # SDXL: OpenCLIP ViT-bigG's [n, dim_2] float32, same n
+
+    @property
+    def is_sdxl(self):
+        return self.vectors_2 is not None
 
     @property
     def num_vectors(self):
@@ -63,6 +84,16 @@ class Embedding:
     @property
     def dim(self):
         return self.vectors.shape[1]
+
+    @property
+    def dims(self):
+        """The widths of the text encoders the embedding is for: `(dim,)`, SDXL `(768, 1280)`."""
+        return (self.dim,) if self.vectors_2 is None else (self.dim, self.vectors_2.shape[1])
+
+    @property
+    def all_vectors(self):
+        """`[n, sum(dims)]`: SDXL's two sets side by side, CLIP ViT-L's columns first."""
+        return self.vectors if self.vectors_2 is None else np.concatenate([self.vectors, self.vectors_2], axis=1)
 
 
 def _as_vectors(array, path, what):
@@ -79,12 +110,29 @@ def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def _vector_pair(vectors, vectors_2, path, names):
+    """SDXL's two sets `names` of `path` as float32 `[n, dim]`; they must hold as many vectors each."""
+    vectors, vectors_2 = _as_vectors(vectors, path, names[0]), _as_vectors(vectors_2, path, names[1])
+    if len(vectors) != len(vectors_2):
+        raise EmbeddingError(f"{path}: {names[0]} has {len(vectors)} vectors but {names[1]} has {len(vectors_2)}; "
+                             "an SDXL embedding has as many for each text encoder")
+    return vectors, vectors_2
+
+
+def _sdxl_embedding(token, vectors, vectors_2, source_format, path, names=("clip_l", "clip_g")):
+    vectors, vectors_2 = _vector_pair(vectors, vectors_2, path, names)
+    return Embedding(token, vectors, source_format, vectors_2)
+
+
 def _from_mapping(data, path):
     """Embedding from a safetensors dict or an unpickled object."""
     if not isinstance(data, dict):
         raise EmbeddingError(f"{path} is not a known embedding format (holds a {type(data).__name__}, not a dict)")
     if "clip_l" in data or "clip_g" in data:
-        raise EmbeddingError(f"{path} is an SDXL embedding (clip_l/clip_g); only SD 1.x/2.x embeddings are supported")
+        missing = "clip_g" if "clip_l" in data else "clip_l"
+        if missing not in data:
+            raise EmbeddingError(f"{path} is half an SDXL embedding: it has no {missing} vectors")
+        return _sdxl_embedding(_stem(path), data["clip_l"], data["clip_g"], "a1111", path)
     if "string_to_param" in data:
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
@@ -111,16 +159,22 @@ def _read_ti_ckpt(path):
     except Exception as err:  # noqa: BLE001 - MindSpore raises assorted types with multi-line messages
         raise EmbeddingError(f"{path} is not a readable MindSpore checkpoint ({str(err).strip().splitlines()[0]})")
     tables = [k for k in data if k.endswith("embedding_table")]
-    if len(tables) != 1:
-        raise EmbeddingError(f"{path} holds {len(tables)} parameters named *embedding_table; a TI checkpoint has one")
-    # via float32: asnumpy() cannot hand out bfloat16
-    vectors = _as_vectors(data[tables[0]].astype(ms.float32).asnumpy(), path, tables[0])
-    if "num_vectors" in data and int(data["num_vectors"].asnumpy()) != vectors.shape[0]:
-        raise EmbeddingError(
-            f"{path}: num_vectors is {int(data['num_vectors'].asnumpy())} but {tables[0]} has {vectors.shape[0]} rows"
-        )
     token = data.get("placeholder_token")
-    return Embedding(token if isinstance(token, str) and token else _stem(path), vectors, "ti_ckpt")
+    token = token if isinstance(token, str) and token else _stem(path)
+    # via float32: asnumpy() cannot hand out bfloat16
+    arrays = [data[name].astype(ms.float32).asnumpy() for name in tables]
+    if sorted(tables) == sorted(XL_PARAMS):
+        embedding = _sdxl_embedding(token, *(arrays[tables.index(name)] for name in XL_PARAMS), "ti_ckpt", path,
+                                    names=XL_PARAMS)
+    elif len(tables) == 1:
+        embedding = Embedding(token, _as_vectors(arrays[0], path, tables[0]), "ti_ckpt")
+    else:
+        raise EmbeddingError(f"{path} holds {len(tables)} parameters named *embedding_table; a TI checkpoint has "
+                             f"one, or for SDXL the two {' and '.join(XL_PARAMS)}")
+    if "num_vectors" in data and int(data["num_vectors"].asnumpy()) != embedding.num_vectors:
+        raise EmbeddingError(f"{path}: num_vectors is {int(data['num_vectors'].asnumpy())} but {' and '.join(tables)} "
+                             f"{'have' if len(tables) > 1 else 'has'} {embedding.num_vectors} rows")
+    return embedding
 
 
 # --- A1111 embedding cards ---------------------------------------------------------------------------
@@ -227,46 +281,105 @@ def _download_concept(repo):
         ) from errors[-1]
     logger.info("embedding %s: %s", repo, path)
     try:
+        # diffusers' SDXL concepts have a second file, which the cache puts beside the first
+        hf_hub_download(repo_id=repo, filename=diffusers_pair(filename)[1])
+    except Exception:  # noqa: BLE001 - an SD 1.x/2.x concept has none
+        pass
+    try:
         with open(hf_hub_download(repo_id=repo, filename="token_identifier.txt"), encoding="utf-8") as f:
             return path, f.read().strip() or None
     except Exception:  # noqa: BLE001 - the file is optional: the token stored with the vectors serves
         return path, None
 
 
+def _read(path):
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if head[:4] == b"\x89PNG" or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return _read_card(path)
+    if head[:4] == b"PK\x03\x04":
+        return _from_mapping(load_torch_pickle(path), path)
+    if head[:1] == b"\x0a":
+        # a MindSpore checkpoint is a protobuf whose first field (tag 1, length-delimited) is a parameter
+        return _read_ti_ckpt(path)
+    # safetensors; anything else gets checkpoint_io's one-line "not a checkpoint" error
+    return _from_mapping(load_state_dict(path), path)
+
+
+def diffusers_pair(path):
+    """`(learned_embeds…, learned_embeds_2…)`: the two files of a diffusers SDXL embedding `path` names either
+    of, or None when its file name is not diffusers'."""
+    folder, name = os.path.split(path)
+    match = _PAIR_NAME.search(name)
+    if match is None:
+        return None
+    return tuple(os.path.join(folder, name[:match.start()] + stem + name[match.end():])
+                 for stem in ("learned_embeds", "learned_embeds_2"))
+
+
+def _other_half(path):
+    pair = diffusers_pair(path)
+    return pair and (pair[1] if path == pair[0] else pair[0])
+
+
+def _with_diffusers_pair(embedding, path):
+    """`embedding` (a diffusers file) joined with the other file of its diffusers SDXL pair, if there is one."""
+    pair = diffusers_pair(path)
+    other = _other_half(path)
+    if other is None or not os.path.isfile(other):
+        return embedding
+    first, second = (embedding, _read(other)) if other == pair[1] else (_read(other), embedding)
+    if first.source_format != "diffusers" or second.source_format != "diffusers" or first.is_sdxl or second.is_sdxl:
+        raise EmbeddingError(f"{pair[0]} and {pair[1]} are named as diffusers' SDXL pair but are not two "
+                             "diffusers embeddings; rename the one that does not belong")
+    if first.token != second.token:
+        raise EmbeddingError(f"{pair[0]} and {pair[1]} are named as diffusers' SDXL pair but hold different tokens "
+                             f"({first.token!r}, {second.token!r}); rename the one that does not belong")
+    return _sdxl_embedding(first.token, first.vectors, second.vectors, "diffusers", f"{pair[0]} + {pair[1]}",
+                           names=(os.path.basename(pair[0]), os.path.basename(pair[1])))
+
+
 def load_embedding(path, token=None):
-    """Read a TI embedding of any supported format, or a hub concept repo's; `token` overrides its own name."""
+    """Read a TI embedding of any supported format, or a hub concept repo's; `token` overrides its own name.
+    A diffusers SDXL embedding is read whole from either of its two files."""
     repo_token = None
     if not os.path.isfile(path):
         if os.path.exists(path) or not _is_repo_id(path):
             raise EmbeddingError(f"embedding file {path} does not exist")
         path, repo_token = _download_concept(path)
-    with open(path, "rb") as f:
-        head = f.read(12)
-    if head[:4] == b"\x89PNG" or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        embedding = _read_card(path)
-    elif head[:4] == b"PK\x03\x04":
-        embedding = _from_mapping(load_torch_pickle(path), path)
-    elif head[:1] == b"\x0a":
-        # a MindSpore checkpoint is a protobuf whose first field (tag 1, length-delimited) is a parameter
-        embedding = _read_ti_ckpt(path)
-    else:
-        # safetensors; anything else gets checkpoint_io's one-line "not a checkpoint" error
-        embedding = _from_mapping(load_state_dict(path), path)
+    embedding = _read(path)
+    if embedding.source_format == "diffusers":
+        embedding = _with_diffusers_pair(embedding, path)
     embedding.token = token or repo_token or embedding.token
     return embedding
 
 
-def _family(dim):
-    return f" ({_DIM_FAMILY[dim]})" if dim in _DIM_FAMILY else ""
+def _family(dims):
+    return f" ({_FAMILY[dims]})" if dims in _FAMILY else ""
 
 
-def check_dim(embedding, dim, path):
-    """Refuse an embedding whose vectors do not fit the text encoder's width."""
-    if embedding.dim != dim:
-        raise EmbeddingError(
-            f"{path} holds {embedding.dim}-d vectors{_family(embedding.dim)}; "
-            f"this model's text encoder is {dim}-d{_family(dim)}"
-        )
+def _widths(dims):
+    return " / ".join(f"{d}-d" for d in dims)
+
+
+def check_fits(embedding, widths, path):
+    """Refuse an embedding that does not fit the model's text encoders, whose widths are `widths`: `(768,)`
+    for SD 1.x, `(1024,)` SD 2.x, `(768, 1280)` SDXL (CLIP ViT-L, then OpenCLIP ViT-bigG)."""
+    widths = tuple(widths)
+    if embedding.dims == widths:
+        return
+    dims = embedding.dims
+    if len(widths) == 2 and not embedding.is_sdxl:
+        other = _other_half(path) if embedding.source_format == "diffusers" else None
+        hint = f"; for diffusers' SDXL pair, put {os.path.basename(other)} beside it" if other else ""
+        raise EmbeddingError(f"{path} holds one set of {dims[0]}-d vectors{_family(dims)}; this SDXL model needs "
+                             f"an SDXL embedding, {widths[0]}-d clip_l and {widths[1]}-d clip_g vectors{hint}")
+    if len(widths) == 1 and embedding.is_sdxl:
+        raise EmbeddingError(f"{path} is an SDXL embedding ({dims[0]}-d clip_l and {dims[1]}-d clip_g vectors); "
+                             f"this model{_family(widths)} has one {widths[0]}-d text encoder")
+    are = "is" if len(widths) == 1 else "are"
+    raise EmbeddingError(f"{path} holds {_widths(dims)} vectors{_family(dims)}; this model's text "
+                         f"encoder{'s' if len(widths) > 1 else ''} {are} {_widths(widths)}{_family(widths)}")
 
 
 def ti_param_name(version):
@@ -274,18 +387,29 @@ def ti_param_name(version):
     return SD2_PARAM if str(version).startswith("2") else SD1_PARAM
 
 
-def save_ti_ckpt(path, vectors, placeholder_token, version, param_name=None):
-    """Write ours/mindone `_ti.ckpt`; `param_name` defaults to mindone's name for `version`."""
+def _vector_sets(path, vectors, vectors_2):
+    """The vectors to write as float32, checked: `(vectors,)`, or for SDXL `(clip_l, clip_g)` with the same n."""
+    if vectors_2 is None:
+        return (_as_vectors(vectors, path, "vectors"),)
+    return _vector_pair(vectors, vectors_2, path, ("vectors", "vectors_2"))
+
+
+def save_ti_ckpt(path, vectors, placeholder_token, version, param_name=None, vectors_2=None):
+    """Write ours/mindone `_ti.ckpt`; `param_name` defaults to mindone's name for `version`. SDXL: `vectors`
+    (CLIP ViT-L) and `vectors_2` (ViT-bigG) under mindone's SDXL names `XL_PARAMS`, with `embedding_dim_2`."""
     import mindspore as ms
 
-    vectors = _as_vectors(vectors, path, "vectors")
-    params = [{"name": param_name or ti_param_name(version), "data": ms.Tensor(vectors)}]
+    sets = _vector_sets(path, vectors, vectors_2)
+    names = XL_PARAMS if len(sets) == 2 else (param_name or ti_param_name(version),)
+    params = [{"name": name, "data": ms.Tensor(v)} for name, v in zip(names, sets)]
     extra = {
         "placeholder_token": placeholder_token,
-        "num_vectors": vectors.shape[0],
+        "num_vectors": sets[0].shape[0],
         "version": str(version),
-        "embedding_dim": vectors.shape[1],
+        "embedding_dim": sets[0].shape[1],
     }
+    if len(sets) == 2:
+        extra["embedding_dim_2"] = sets[1].shape[1]
     with atomic_write(path) as tmp:
         # save_checkpoint appends ".ckpt" to any other file name
         target = tmp if tmp.endswith(".ckpt") else tmp + ".ckpt"
@@ -300,17 +424,31 @@ def _save_safetensors(path, tensors):
     save_safetensors(tensors, path)
 
 
-def save_diffusers(path, token, vectors):
-    """diffusers `learned_embeds.safetensors`: `{token: [n, dim]}` (what `load_textual_inversion` reads)."""
-    _save_safetensors(path, {token: _as_vectors(vectors, path, "vectors")})
+def save_diffusers(path, token, vectors, vectors_2=None):
+    """diffusers `learned_embeds.safetensors`: `{token: [n, dim]}` (what `load_textual_inversion` reads).
+    SDXL: `path` must have diffusers' name, `learned_embeds*.safetensors`; `vectors_2` go beside it into
+    `learned_embeds_2*.safetensors`, as diffusers' textual_inversion_sdxl.py writes them."""
+    sets = _vector_sets(path, vectors, vectors_2)
+    if len(sets) == 1:
+        _save_safetensors(path, {token: sets[0]})
+        return
+    pair = diffusers_pair(path)
+    if pair is None or path != pair[0]:
+        raise EmbeddingError(f"{path}: a diffusers SDXL embedding is two files, learned_embeds*.safetensors and "
+                             "learned_embeds_2*.safetensors; name the output learned_embeds.safetensors")
+    # the second file first: a reader that finds the first finds its pair complete
+    _save_safetensors(pair[1], {token: sets[1]})
+    _save_safetensors(pair[0], {token: sets[0]})
 
 
-def save_a1111_safetensors(path, token, vectors):
-    """A1111/kohya `.safetensors` (`emb_params`). The file holds no name: A1111 uses the file's stem."""
-    if _stem(path) != token:
+def save_a1111_safetensors(path, token, vectors, vectors_2=None):
+    """A1111/kohya `.safetensors`: `emb_params`, SDXL `clip_l` and `clip_g`. The file holds no name: A1111 uses
+    the file's stem (a warning when that is not `token`; None: the caller says so itself)."""
+    if token is not None and _stem(path) != token:
         logger.warning("A1111 will call the embedding in %s %r, not %r (it names embeddings after their file)",
                        path, _stem(path), token)
-    _save_safetensors(path, {"emb_params": _as_vectors(vectors, path, "vectors")})
+    sets = _vector_sets(path, vectors, vectors_2)
+    _save_safetensors(path, dict(zip(("clip_l", "clip_g") if len(sets) == 2 else ("emb_params",), sets)))
 
 
 def _card_json(token, vectors, step, checkpoint_name):

@@ -16,6 +16,13 @@ numbers stored in expected.npz. Every file is written the way the tool that make
   chunk was stripped, as image hosts do). The card's data is what our trainer writes for the same
   vectors (`sd_checkpoint` None: A1111 leaves it None when it has no checkpoint hash), so the tests can
   compare our card's text chunk and data stripes with these byte for byte.
+- SDXL (two sets, clip_l [N, 768] and clip_g [N, 1280]):
+  - kohya-xl.safetensors, kohya-xl.pt: kohya's sdxl_train_textual_inversion.py `save_weights`,
+    `{"clip_l", "clip_g"}` through safetensors' torch API (bf16, its --save_precision bf16) and torch.save
+    (fp16); A1111 and ComfyUI read both.
+  - diffusers-xl/: diffusers' textual_inversion_sdxl.py `save_progress` (diffusers has no library function
+    for it), `learned_embeds.safetensors` (text_encoder) and `learned_embeds_2.safetensors` (text_encoder_2),
+    each `{placeholder: [N, dim]}` with metadata {"format": "pt"}.
 
     python -m tools.dev.make_embedding_fixtures              # write the fixtures
     python -m tools.dev.make_embedding_fixtures --read X.png # what A1111's loader finds in a card
@@ -37,6 +44,7 @@ from tools import ROOT
 
 DIM = 8
 SD1_DIM = 768
+XL_G_DIM = 1280
 # the card's vectors are narrow so the PNGs stay a few KB; the format does not depend on the width
 CARD_DIM = 32
 CARD_SIZE = 64
@@ -236,6 +244,27 @@ def write_cards(out, vectors, rng):
         assert np.array_equal(back["string_to_param"]["*"].numpy().astype(np.float32), vectors), name
 
 
+def write_sdxl(out, rng):
+    """The SDXL fixtures; returns their vectors for expected.npz."""
+    kohya = {"clip_l": rng.standard_normal((2, SD1_DIM)), "clip_g": rng.standard_normal((2, XL_G_DIM))}
+    save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in kohya.items()},
+              os.path.join(out, "kohya-xl.safetensors"))
+    kohya_pt = {"clip_l": rng.standard_normal((1, SD1_DIM)), "clip_g": rng.standard_normal((1, XL_G_DIM))}
+    torch.save({k: torch.from_numpy(v).half() for k, v in kohya_pt.items()}, os.path.join(out, "kohya-xl.pt"))
+    pair = [rng.standard_normal((2, dim)).astype(np.float32) for dim in (SD1_DIM, XL_G_DIM)]
+    os.makedirs(os.path.join(out, "diffusers-xl"), exist_ok=True)
+    for name, vectors in zip(("learned_embeds.safetensors", "learned_embeds_2.safetensors"), pair):
+        save_file({"<cat-toy>": torch.from_numpy(vectors)}, os.path.join(out, "diffusers-xl", name),
+                  metadata={"format": "pt"})
+    # as the tests read them: float32, the values the files hold
+    return {
+        "kohya_xl_l": torch.from_numpy(kohya["clip_l"]).to(torch.bfloat16).float().numpy(),
+        "kohya_xl_g": torch.from_numpy(kohya["clip_g"]).to(torch.bfloat16).float().numpy(),
+        "kohya_xl_pt_l": kohya_pt["clip_l"].astype(np.float16), "kohya_xl_pt_g": kohya_pt["clip_g"].astype(np.float16),
+        "diffusers_xl_l": pair[0], "diffusers_xl_g": pair[1],
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=OUT)
@@ -273,8 +302,9 @@ def main():
         f.write("<cat-toy>")
     save_file({"emb_params": torch.from_numpy(kohya_1d)}, os.path.join(out, "kohya-1d.safetensors"))
     write_cards(out, card, rng)
+    sdxl = write_sdxl(out, rng)
     np.savez(os.path.join(out, "expected.npz"), a1111=a1111, diffusers=diffusers, diffusers_1d=diffusers_1d,
-             sd_concepts=sd_concepts, a1111_fp16=a1111_fp16, kohya_1d=kohya_1d, card=card)
+             sd_concepts=sd_concepts, a1111_fp16=a1111_fp16, kohya_1d=kohya_1d, card=card, **sdxl)
     print(f"wrote fixtures to {out}")
 
 
