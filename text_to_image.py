@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from ldm.checkpoint_io import atomic_write
-from ldm.embeddings import check_dim, load_embedding
+from ldm.embeddings import check_fits, load_embedding
 from ldm.errors import USER_ERRORS, UserInputError
 from ldm.pipeline import StableDiffusion, image_grid, initial_latents
 from ldm.pretrained import VERSIONS, get_version
@@ -29,6 +29,9 @@ from ldm.pretrained import VERSIONS, get_version
 logger = logging.getLogger("text_to_image")
 
 SAMPLER_FLAGS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM++ 2M", "uni_pc": "UniPC"}
+# the guidance scales of the reference scripts: CompVis/Stability txt2img (7.5, 9.0), diffusers' SDXL pipeline (5.0)
+DEFAULT_SCALES = {"1": 7.5, "2": 9.0, "x": 5.0}
+SIZE_FLAGS = ("original_size", "crops_coords_top_left", "target_size")
 
 
 def parse_args(argv=None):
@@ -51,7 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--n_iter", type=int, default=1, help="iterations per prompt")
     p.add_argument("--H", type=int, default=None, help="height in pixels (default: the version's)")
     p.add_argument("--W", type=int, default=None, help="width in pixels (default: the version's)")
-    p.add_argument("--scale", type=float, default=None, help="guidance scale (default 7.5 for 1.x, 9.0 for 2.x)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="guidance scale (default 7.5 for 1.x, 9.0 for 2.x, 5.0 for SDXL)")
+    for flag, default in (("original_size", "the image size"), ("crops_coords_top_left", "0 0"),
+                          ("target_size", "the image size")):
+        p.add_argument(f"--{flag}", type=int, nargs=2, default=None, metavar=("H", "W") if "size" in flag else ("TOP", "LEFT"),
+                       help=f"SDXL's {flag} conditioning (default: {default})")
     p.add_argument("--sampling_steps", type=int, default=20, help="denoising steps per image")
     group = p.add_mutually_exclusive_group()
     for flag, label in SAMPLER_FLAGS.items():
@@ -114,12 +122,22 @@ def main(argv=None):
         return 2
 
 
+def size_conditioning(args, sd, height, width):
+    """SDXL's size ids from the size flags (None for SD 1.x/2.x, which refuse the flags)."""
+    given = [f"--{flag}" for flag in SIZE_FLAGS if getattr(args, flag) is not None]
+    if not sd.is_xl:
+        if given:
+            raise UserInputError(f"{', '.join(given)}: size conditioning is SDXL's; drop it or use --version xl")
+        return None
+    return sd.size_ids(args.n_samples, height, width, *(getattr(args, flag) for flag in SIZE_FLAGS))
+
+
 def generate(args):
     ms.set_context(mode=args.mode)
     prompts = read_prompts(args)
     version = get_version(args.version)
     height, width = args.H or version.image_size, args.W or version.image_size
-    scale = args.scale if args.scale is not None else (9.0 if args.version.startswith("2") else 7.5)
+    scale = args.scale if args.scale is not None else DEFAULT_SCALES.get(args.version[:1], 7.5)
     sampler = next((flag for flag in SAMPLER_FLAGS if getattr(args, flag)), "dpm_solver")
 
     sd = StableDiffusion.load(args.version, args.ckpt_path, args.config, args.dtype, clip_skip=args.clip_skip,
@@ -127,11 +145,12 @@ def generate(args):
     f = sd.latent_factor
     if height % f or width % f:
         raise UserInputError(f"--H/--W must be multiples of {f} (this VAE downsamples by {f}), got {height}x{width}")
+    size_ids = size_conditioning(args, sd, height, width)
     used = []
     for i, path in enumerate(args.ti_ckpt_path):
         emb = load_embedding(path, args.ti_token[i] if i < len(args.ti_token) else None)
-        check_dim(emb, sd.embedding_dim, path)
-        sd.add_placeholder(emb.token, emb.vectors)
+        check_fits(emb, sd.embedding_dims, path)
+        sd.add_placeholder(emb.token, emb.all_vectors)
         used.append(f"{emb.token} ({emb.num_vectors} vectors, {os.path.basename(path)})")
         logger.info("loaded embedding %s: %d vectors from %s (%s)", emb.token, emb.num_vectors, path, emb.source_format)
 
@@ -144,7 +163,8 @@ def generate(args):
             latents = initial_latents(args.seed + j, args.n_samples, height, width, factor=f)
             images = sd.sample([prompt] * args.n_samples, latents, sampler=sampler, steps=args.sampling_steps,
                                scale=scale, negative_prompt=args.negative_prompt, eta=args.ddim_eta,
-                               rng=np.random.default_rng([args.seed + j, 1]) if args.ddim_eta > 0 else None)
+                               rng=np.random.default_rng([args.seed + j, 1]) if args.ddim_eta > 0 else None,
+                               size_ids=size_ids)
             all_images.extend(images)
             if args.skip_save:
                 continue

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data.dataset import BatchIterator, TextualInversionDataset
 from ldm.checkpoint_io import atomic_write
-from ldm.embeddings import save_png_card, save_ti_ckpt
+from ldm.embeddings import save_a1111_safetensors, save_png_card, save_ti_ckpt
 from ldm.errors import USER_ERRORS, UserInputError
 from ldm.pipeline import StableDiffusion, image_grid, initial_latents
 from ldm.tokenizer import initializer_ids, init_vectors, placeholder_names
@@ -126,7 +126,7 @@ class Trainer:
                               milestones=cfg.milestones, decay_rate=cfg.decay_rate)
 
         # loss and gradient w.r.t. the vectors only
-        loss_net = TextualInversionLoss(self.sd.unet, self.sd.text_encoder, self.sd.alphas_cumprod,
+        loss_net = TextualInversionLoss(self.sd.unet, self.sd.conditioner, self.sd.alphas_cumprod,
                                         self.sd.config.parameterization)
         self.grad_fn = ms.value_and_grad(loss_net, grad_position=0)
         self.reduce_mean = AllReduceMean(self.world) if self.world > 1 else None
@@ -163,9 +163,14 @@ class Trainer:
         if not (cfg.resume and os.path.exists(self.log_path)):
             with open(self.log_path, "w", newline="") as f:
                 csv.writer(f).writerow(LOG_COLUMNS)
+        if self.sd.is_xl:
+            logger.info("each save also writes a clip_l/clip_g .safetensors (A1111, ComfyUI, kohya); A1111 names an "
+                        "embedding after its file, so rename it to %s.safetensors to prompt with that word",
+                        cfg.placeholder_token)
 
     def micro_batch(self):
-        """This rank's slice of the next global micro-batch: latents, ids, noise, timesteps (numpy)."""
+        """This rank's slice of the next global micro-batch: latents, ids, noise, timesteps, SDXL's size ids
+        (None for SD 1.x/2.x), as numpy arrays."""
         cfg, sd, dataset = self.cfg, self.sd, self.dataset
         examples = self.batches.next_examples()
         gb, b = cfg.train_batch_size * self.world, cfg.train_batch_size
@@ -181,7 +186,8 @@ class Trainer:
         noise = self.rng.standard_normal(shape, dtype=np.float32)[sl]
         timesteps = self.rng.integers(0, sd.config.timesteps, size=gb).astype(np.int32)[sl]
         latents = (mean + np.exp(0.5 * logvar) * eps) * sd.config.scale_factor
-        return latents, sd.token_ids([e.caption for e in examples]), noise, timesteps
+        size_ids = np.stack([dataset.size_ids(e) for e in examples]) if sd.is_xl else None
+        return latents, sd.token_ids([e.caption for e in examples]), noise, timesteps, size_ids
 
     def optimisation_step(self):
         """One optimizer step on the gradient accumulated over the micro-batches (and ranks); `(loss, lr)`."""
@@ -190,9 +196,10 @@ class Trainer:
         grad = np.zeros_like(self.vectors)
         loss = 0.0
         for _ in range(accumulation):
-            latents, ids, noise, timesteps = self.micro_batch()
+            latents, ids, noise, timesteps, size_ids = self.micro_batch()
             value, g = self.grad_fn(Tensor(self.vectors), Tensor(latents), Tensor(ids), Tensor(noise),
-                                    Tensor(timesteps), Tensor(scale, ms.float32))
+                                    Tensor(timesteps), Tensor(scale, ms.float32),
+                                    None if size_ids is None else Tensor(size_ids))
             # the gradient first: on CPU, waiting on the loss (ready halfway through the graph) makes
             # the rest of the step ~2x slower (docs/performance.md)
             grad += g.asnumpy() / scale / accumulation
@@ -226,13 +233,18 @@ class Trainer:
             self.validate()
 
     def save(self):
-        """The embedding (what users load) and the resumable train state at this step; the embedding's path."""
+        """The embedding (what users load; SDXL's also as A1111/kohya's `clip_l`/`clip_g` .safetensors) and the
+        resumable train state at this step; the embedding's path."""
         cfg = self.cfg
-        path = os.path.join(self.weights_dir, f"SDv{cfg.version}_textual_inversion_{self.step}_ti.ckpt")
-        save_ti_ckpt(path, self.vectors, cfg.placeholder_token, cfg.version)
+        stem = os.path.join(self.weights_dir, f"{run_name(cfg.version)}_textual_inversion_{self.step}")
+        sets = self.sd.vector_sets(self.vectors)
+        vectors_2 = sets[1] if self.sd.is_xl else None
+        save_ti_ckpt(stem + "_ti.ckpt", sets[0], cfg.placeholder_token, cfg.version, vectors_2=vectors_2)
+        if self.sd.is_xl:
+            save_a1111_safetensors(stem + ".safetensors", None, *sets)
         save_state(os.path.join(cfg.output_path, "state", f"train_state_{self.step:07d}.npz"), self.vectors,
                    self.optimizer, self.loss_scale, self.step, self.rng, self.batches, cfg.placeholder_token)
-        return path
+        return stem + "_ti.ckpt"
 
     def validate(self):
         """Sample the validation prompt with the current vectors: a grid captioned with step and prompt."""
@@ -244,9 +256,10 @@ class Trainer:
         path = os.path.join(cfg.output_path, "validation", f"step_{self.step:07d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_captioned_grid(path, image_grid(images), [f"step {self.step}", cfg.validation_prompt])
-        # the first image as an A1111 embedding card: the embedding inside, loadable by A1111 and by us
-        card = os.path.join(self.weights_dir, f"SDv{cfg.version}_textual_inversion_{self.step}_ti.png")
-        save_png_card(card, images[0], cfg.placeholder_token, self.vectors, self.step, sd.name)
+        if not sd.is_xl:
+            # the first image as an A1111 embedding card (A1111 trains no SDXL embeddings, so has no SDXL card)
+            card = os.path.join(self.weights_dir, f"{run_name(cfg.version)}_textual_inversion_{self.step}_ti.png")
+            save_png_card(card, images[0], cfg.placeholder_token, self.vectors, self.step, sd.name)
 
     def finish(self):
         """The loss plot of the whole log (a resumed run's earlier rows included)."""
@@ -260,6 +273,11 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------- set-up
 
+def run_name(version):
+    """The file-name prefix of a run's embeddings: mindone's `SDv1.5`, `SDv2.0`, ...; `SDXL`."""
+    return "SDXL" if version == "xl" else f"SDv{version}"
+
+
 def load_models(cfg):
     """The frozen SD with the placeholder tokens added, their ids, and the initial vectors `[N, D]`."""
     weights = os.path.join(cfg.pretrained_model_path, cfg.pretrained_model_file or "") \
@@ -271,8 +289,9 @@ def load_models(cfg):
     placeholder_ids = sd.add_placeholder(cfg.placeholder_token, np.zeros((cfg.num_vectors, sd.embedding_dim)))
     # after adding the placeholder, so that an initializer naming it is refused
     init_ids = initializer_ids(sd.tokenizer, cfg.initializer_token) if cfg.initializer_token else None
-    table = sd.text_encoder.text_model.embeddings.token_embedding.weight.asnumpy()
-    vectors = init_vectors(table, init_ids, cfg.num_vectors, seed=cfg.seed)
+    # SDXL: each encoder's set from its own table, side by side (the conditioner's column order)
+    vectors = np.concatenate([init_vectors(table, init_ids, cfg.num_vectors, seed=cfg.seed)
+                              for table in sd.token_tables()], axis=1)
     sd.set_placeholder_vectors(placeholder_ids, vectors)
     logger.info("placeholder %s -> token ids %s, initialised from %r",
                 cfg.placeholder_token, placeholder_ids, cfg.initializer_token or "random (std 0.01)")

@@ -213,6 +213,7 @@ class TextualInversionDataset:
         paths = list_images(data_dir)
         self.image_paths: List[str] = []
         self._resized: List[np.ndarray] = []
+        self._original_sizes: List[Tuple[int, int]] = []  # (height, width) of each file, for SDXL's size ids
         small = []
         for path in paths:
             try:
@@ -228,6 +229,7 @@ class TextualInversionDataset:
                 continue
             self.image_paths.append(path)
             self._resized.append(_resize_short_side(image, image_size))
+            self._original_sizes.append((image.size[1], image.size[0]))
         if not self.image_paths:
             if small:
                 raise DatasetError(
@@ -299,17 +301,27 @@ class TextualInversionDataset:
         """The example's image: float32 [3, S, S] in [-1, 1]."""
         return self.render_variant(example.image_index, example.flip, example.crop)
 
+    def _crop_top_left(self, image_index: int, crop: Optional[Tuple[float, float]]) -> Tuple[int, int]:
+        """(top, left) of the crop in the resized image: centred, or at fractions `crop` of the free range."""
+        full = self._resized[image_index]
+        free_y, free_x = full.shape[0] - self.image_size, full.shape[1] - self.image_size
+        if crop is None:
+            return free_y // 2, free_x // 2
+        return min(int(crop[0] * (free_y + 1)), free_y), min(int(crop[1] * (free_x + 1)), free_x)
+
+    def size_ids(self, example: Example) -> np.ndarray:
+        """SDXL's six size conditioning values, float32: the file's (height, width), the crop's (top, left) in
+        the resized image and the (height, width) trained on, as diffusers' train_text_to_image_sdxl.py and
+        kohya's SDXL trainers compute them (resize, then crop)."""
+        top, left = self._crop_top_left(example.image_index, example.crop)
+        return np.array(self._original_sizes[example.image_index] + (top, left, self.image_size, self.image_size),
+                        np.float32)
+
     def render_variant(self, image_index: int, flip: bool,
                        crop: Optional[Tuple[float, float]] = None) -> np.ndarray:
-        full = self._resized[image_index]
         size = self.image_size
-        free_y, free_x = full.shape[0] - size, full.shape[1] - size
-        if crop is None:
-            top, left = free_y // 2, free_x // 2
-        else:
-            top = min(int(crop[0] * (free_y + 1)), free_y)
-            left = min(int(crop[1] * (free_x + 1)), free_x)
-        pixels = full[top:top + size, left:left + size]
+        top, left = self._crop_top_left(image_index, crop)
+        pixels = self._resized[image_index][top:top + size, left:left + size]
         if flip:
             pixels = pixels[:, ::-1]
         return (pixels.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()

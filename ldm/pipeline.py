@@ -1,4 +1,4 @@
-"""A frozen Stable Diffusion with placeholder embeddings: what training and sampling share.
+"""A frozen Stable Diffusion (1.x, 2.x, SDXL) with placeholder embeddings: what training and sampling share.
 
 `StableDiffusion.load()` resolves and loads the weights (any layout `ldm.convert` reads), builds the
 tokenizer, and freezes everything. Placeholder tokens (`<t>`, `<t>_1`, ...) get ids after the base
@@ -21,6 +21,7 @@ from mindspore import Tensor, nn
 from ldm import samplers
 from ldm.convert import read_json, build_pretrained
 from ldm.models import load_model_config
+from ldm.modules.conditioner import Conditioner
 from ldm.pretrained import get_version, resolve_weights
 from ldm.schedule import make_alphas_cumprod
 from ldm.tokenizer import add_placeholder_tokens, expand_placeholders, load_tokenizer, placeholder_names, tokenize
@@ -45,20 +46,31 @@ class VAEGraph(nn.Cell):
 
 
 class StableDiffusion:
-    def __init__(self, config, unet, vae, text_encoder, tokenizer, name="", scheduler_settings=None):
+    """The frozen model. SDXL (`text_encoder_2` set) has a second text encoder and tokenizer; its placeholder
+    vectors are `[N, 768 + 1280]`, CLIP ViT-L's columns first (see ldm.modules.conditioner)."""
+
+    def __init__(self, config, unet, vae, text_encoder, tokenizer, name="", scheduler_settings=None,
+                 text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt=False):
         self.config = config
         # {sampler: samplers.SchedulerSettings} from the model's scheduler config; unset = SD's own
         self.scheduler_settings = scheduler_settings or samplers.scheduler_settings()
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.text_encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
         self.tokenizer = tokenizer
+        self.tokenizers = [tokenizer] + ([tokenizer_2] if tokenizer_2 is not None else [])
+        self.is_xl = text_encoder_2 is not None
+        # SDXL base's pipeline option: an empty negative prompt is all zeros, not the encoding of ""
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.name = name
-        for cell in (unet, vae, text_encoder):
+        for cell in [unet, vae] + self.text_encoders:
             cell.set_train(False)
             for p in cell.get_parameters():
                 p.requires_grad = False
+        self.conditioner = Conditioner(self.text_encoders, config.size_embedding_dim)
         self.alphas_cumprod = make_alphas_cumprod(config.linear_start, config.linear_end, config.timesteps)
         self.vocab_size = config.text_encoder.vocab_size
-        self.embedding_dim = config.text_encoder.width
+        self.embedding_dims = tuple(te.width for te in self.text_encoders)
+        self.embedding_dim = sum(self.embedding_dims)
         self.placeholders = {}  # placeholder -> its token names
         self.extra_embeddings = np.zeros((0, self.embedding_dim), np.float32)
         # the VAE halves the resolution between consecutive levels
@@ -73,7 +85,8 @@ class StableDiffusion:
         model_config: a model YAML; unset = the version's config, except that a diffusers folder's own
         config.json files win.
         clip_skip: the text encoder layer prompts are read from, counted from the end (A1111's "CLIP stop
-        at last layers"): 1 = the last, 2 = the penultimate, ...; fixed for the model's lifetime.
+        at last layers") starting at the layer the model conditions on: 1 = that layer, 2 = the one before,
+        ...; fixed for the model's lifetime.
         use_ema: the UNet from a single file's EMA copies (`model_ema.*`, e.g. v1-5-pruned.ckpt) instead of
         its non-EMA weights (the default, as diffusers and A1111 load such files).
         """
@@ -89,27 +102,29 @@ class StableDiffusion:
         scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
         settings = (samplers.scheduler_settings(read_json(scheduler_file), scheduler_file)
                     if os.path.isfile(scheduler_file) else None)
-        config, (unet, vae, text_encoder), layout = build_pretrained(path, config, DTYPES[dtype], use_ema)
-        text_encoder.set_clip_skip(clip_skip)
-        # a diffusers folder's own tokenizer files win; otherwise the shipped CLIP vocabulary
-        tokenizer_dir = os.path.join(path, "tokenizer")
-        if not os.path.isfile(os.path.join(tokenizer_dir, "vocab.json")):
-            tokenizer_dir = None
-        tokenizer = load_tokenizer(tokenizer_dir, pad_token=config.text_encoder.pad_token)
+        config, (unet, vae, *text_encoders), layout = build_pretrained(path, config, DTYPES[dtype], use_ema)
+        for text_encoder in text_encoders:
+            text_encoder.set_clip_skip(clip_skip)
+        encoder_configs = [config.text_encoder, config.text_encoder_2][:len(text_encoders)]
+        tokenizers = [_tokenizer(path, folder, te.pad_token) for folder, te in zip(TOKENIZER_FOLDERS, encoder_configs)]
+        # SDXL base's pipeline setting, unless a diffusers folder says otherwise
+        force_zeros = read_json(os.path.join(path, "model_index.json"), required=False).get(
+            "force_zeros_for_empty_prompt", len(text_encoders) == 2)
         logger.info("loaded %s (%s layout) from %s", version, layout, path)
-        return cls(config, unet, vae, text_encoder, tokenizer, name=os.path.basename(os.path.normpath(path)),
-                   scheduler_settings=settings)
+        return cls(config, unet, vae, text_encoders[0], tokenizers[0], name=os.path.basename(os.path.normpath(path)),
+                   scheduler_settings=settings, text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
+                   tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None, force_zeros_for_empty_prompt=force_zeros)
 
     # --- placeholder tokens ---------------------------------------------------------------------------
 
     def add_placeholder(self, placeholder, vectors):
-        """Register `placeholder` with `vectors` `[N, D]`; returns the N new token ids."""
+        """Register `placeholder` with `vectors` `[N, D]` (SDXL: D = 768 + 1280); returns the N new token ids."""
         vectors = np.asarray(vectors, np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.embedding_dim:
             raise ValueError(
-                f"embedding for {placeholder!r} has shape {vectors.shape}; this text encoder needs [N, {self.embedding_dim}]"
+                f"embedding for {placeholder!r} has shape {vectors.shape}; this model needs [N, {self.embedding_dim}]"
             )
-        ids = add_placeholder_tokens(self.tokenizer, placeholder, len(vectors))
+        ids = [add_placeholder_tokens(tokenizer, placeholder, len(vectors)) for tokenizer in self.tokenizers][0]
         # ids are consecutive after the vocabulary, so row id - vocab_size is the next free row
         assert ids[0] - self.vocab_size == len(self.extra_embeddings), "placeholder ids out of step with the rows"
         self.extra_embeddings = np.concatenate([self.extra_embeddings, vectors])
@@ -119,13 +134,34 @@ class StableDiffusion:
     def set_placeholder_vectors(self, ids, vectors):
         self.extra_embeddings[np.asarray(ids) - self.vocab_size] = vectors
 
-    def token_ids(self, prompts):
-        return tokenize(self.tokenizer, [expand_placeholders(p, self.placeholders) for p in prompts])
+    def vector_sets(self, vectors):
+        """`[N, D]` placeholder vectors split into each text encoder's set (SDXL: CLIP ViT-L's, then bigG's)."""
+        return tuple(np.split(np.asarray(vectors), np.cumsum(self.embedding_dims)[:-1], axis=1))
 
-    def encode_text(self, prompts):
-        ids = Tensor(self.token_ids(prompts))
+    def token_tables(self):
+        """Each text encoder's token embedding table (numpy), in the column order of the vectors."""
+        return [te.text_model.embeddings.token_embedding.weight.asnumpy() for te in self.text_encoders]
+
+    def token_ids(self, prompts):
+        """`[B, 77]` int32 ids; SDXL: `[B, 2, 77]`, one row per tokenizer (they pad differently)."""
+        prompts = [expand_placeholders(p, self.placeholders) for p in prompts]
+        ids = [tokenize(tokenizer, prompts) for tokenizer in self.tokenizers]
+        return ids[0] if len(ids) == 1 else np.stack(ids, axis=1)
+
+    def encode_text(self, prompts, size_ids=None):
+        """`(context, y)` Tensors for `prompts` (y: SDXL's pooled text and size embedding, else None)."""
         extra = Tensor(self.extra_embeddings) if len(self.extra_embeddings) else None
-        return self.text_encoder(ids, extra)
+        return self.conditioner(Tensor(self.token_ids(prompts)), extra,
+                                None if size_ids is None else Tensor(np.asarray(size_ids, np.float32)))
+
+    def uncond_embeddings(self, negative_prompt, n, size_ids=None):
+        """The classifier-free guidance's unconditional `(context, y)`: the negative prompt's, or zeros for an
+        empty one when the model asks for it (SDXL base: context and pooled text zero, size embedding kept)."""
+        context, y = self.encode_text([negative_prompt] * n, size_ids)
+        if negative_prompt or not self.force_zeros_for_empty_prompt:
+            return context, y
+        pooled = self.config.text_encoder_2.projection_dim
+        return ms.ops.zeros_like(context), ms.ops.concat([ms.ops.zeros_like(y[:, :pooled]), y[:, pooled:]], axis=1)
 
     # --- images <-> latents ---------------------------------------------------------------------------
 
@@ -142,15 +178,29 @@ class StableDiffusion:
 
     # --- sampling -------------------------------------------------------------------------------------
 
+    def size_ids(self, n, height, width, original_size=None, crops_coords_top_left=None, target_size=None):
+        """SDXL's `[n, 6]` size conditioning, diffusers' defaults: original and target size = the image's
+        `(height, width)`, crop at (0, 0)."""
+        row = (*(original_size or (height, width)), *(crops_coords_top_left or (0, 0)), *(target_size or (height, width)))
+        return np.tile(np.asarray(row, np.float32), (n, 1))
+
     def sample(self, prompts, latents, sampler="dpm_solver", steps=20, scale=7.5, negative_prompt="",
-               eta=0.0, rng=None, return_latents=False):
-        """Images for `prompts` from initial `latents` `[B, 4, h, w]` with classifier-free guidance."""
+               eta=0.0, rng=None, return_latents=False, size_ids=None):
+        """Images for `prompts` from initial `latents` `[B, 4, h, w]` with classifier-free guidance.
+
+        size_ids: SDXL's `[B, 6]` size conditioning; unset = `size_ids()`'s defaults for the latents' size.
+        """
         n = len(prompts)
-        context = ms.ops.concat([self.encode_text([negative_prompt] * n), self.encode_text(prompts)])
+        if self.is_xl and size_ids is None:
+            f = self.latent_factor
+            size_ids = self.size_ids(n, latents.shape[2] * f, latents.shape[3] * f)
+        uncond, cond = self.uncond_embeddings(negative_prompt, n, size_ids), self.encode_text(prompts, size_ids)
+        context = ms.ops.concat([uncond[0], cond[0]])
+        y = None if cond[1] is None else ms.ops.concat([uncond[1], cond[1]])
 
         def model_fn(x, t):
             x_in = Tensor(np.concatenate([x, x]))
-            out = self.unet(x_in, Tensor(np.full((2 * n,), t, np.int32)), context).asnumpy()
+            out = self.unet(x_in, Tensor(np.full((2 * n,), t, np.int32)), context, y).asnumpy()
             uncond, cond = out[:n], out[n:]
             return uncond + scale * (cond - uncond)
 
@@ -159,6 +209,19 @@ class StableDiffusion:
                             settings=self.scheduler_settings.get(sampler))
         images = self.decode_latents(z)
         return (images, z) if return_latents else images
+
+
+# a diffusers folder's tokenizer of each text encoder
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
+
+
+def _tokenizer(path, folder, pad_token):
+    """A diffusers folder's own tokenizer files win; otherwise the shipped CLIP vocabulary (both SDXL
+    tokenizers are CLIP's BPE, differing only in the pad token)."""
+    tokenizer_dir = os.path.join(path, folder)
+    if not os.path.isfile(os.path.join(tokenizer_dir, "vocab.json")):
+        tokenizer_dir = None
+    return load_tokenizer(tokenizer_dir, pad_token=pad_token)
 
 
 def initial_latents(seed, n, height, width, channels=4, factor=8):

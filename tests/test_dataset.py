@@ -196,6 +196,25 @@ def test_random_crop_covers_offsets_and_flip_mirrors(tmp_path):
     np.testing.assert_array_equal(flipped, plain[:, :, ::-1])
 
 
+def test_size_ids_are_the_file_size_and_the_crop_in_the_resized_image(tmp_path):
+    """SDXL's size conditioning: (file height, width, crop top, left, size, size), the crop being where the
+    rendered pixels were cut from the resized image."""
+    pixels = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (16, 1, 3))   # 64 wide ramp, 16 high
+    folder = tmp_path / "ramp"
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "r.png")
+    ds = dataset(folder, random_crop=True, flip_p=0.0)
+    resized = np.asarray(Image.fromarray(pixels).resize((64, 16), Image.BICUBIC), np.float32) / 127.5 - 1
+    for seed in range(5):
+        example = ds.draw(0, np.random.default_rng(seed))
+        ids = ds.size_ids(example)
+        assert ids.dtype == np.float32 and ids[[0, 1, 2, 4, 5]].tolist() == [16, 64, 0, 16, 16]
+        left = int(ids[3])
+        np.testing.assert_array_equal(ds.render(example), resized[:, left:left + 16].transpose(2, 0, 1))
+    centred = dataset(folder, random_crop=False)
+    assert centred.size_ids(centred.draw(0, np.random.default_rng(0))).tolist() == [16, 64, 0, 24, 16, 16]
+
+
 def test_flip_probability_roughly_half(tmp_path):
     ds = dataset(make_folder(tmp_path / "imgs", 1))
     flips = [ds.draw(0, np.random.default_rng(s)).flip for s in range(400)]

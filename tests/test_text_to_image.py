@@ -161,7 +161,7 @@ def test_every_embedding_format_changes_the_encoding_from_its_token_on(cli, ref,
                str(N), "--sampling_steps", "1", "--skip_save", "--skip_grid", "--output_path", str(tmp_path / "o"),
                *argv) == 0
     sd = cli.loads[-1][1]
-    without = sd.encode_text(["a photo of on a table"] * N).asnumpy()[0]
+    without = sd.encode_text(["a photo of on a table"] * N)[0].asnumpy()[0]
     for token, vectors, _ in files.values():
         names = sd.placeholders[token]
         assert len(names) == len(vectors)
@@ -169,7 +169,7 @@ def test_every_embedding_format_changes_the_encoding_from_its_token_on(cli, ref,
         np.testing.assert_array_equal(sd.extra_embeddings[rows], vectors)
         ids = sd.token_ids([f"a photo of {token} on a table"])[0]
         assert list(ids[4:4 + len(names)]) == list(rows + sd.vocab_size), token
-        with_token = sd.encode_text([f"a photo of {token} on a table"] * N).asnumpy()[0]
+        with_token = sd.encode_text([f"a photo of {token} on a table"] * N)[0].asnumpy()[0]
         # causal attention: BOS "a photo of" cannot see the placeholder; everything after it does
         np.testing.assert_array_equal(with_token[:4], without[:4])
         assert (np.abs(with_token[4:] - without[4:]).max(axis=-1) > 0).all(), token

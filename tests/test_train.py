@@ -61,7 +61,7 @@ def batch(sd):
 
 @pytest.fixture(scope="module")
 def grad_fn(sd):
-    loss = TextualInversionLoss(sd.unet, sd.text_encoder, sd.alphas_cumprod, "eps")
+    loss = TextualInversionLoss(sd.unet, sd.conditioner, sd.alphas_cumprod, "eps")
     return ms.value_and_grad(loss, grad_position=0)
 
 
@@ -87,7 +87,7 @@ def test_recompute_changes_no_gradient(sd, batch, grad_fn):
     model = StableDiffusion.load("1.5", FIXTURE)
     model.add_placeholder("<t>", sd.extra_embeddings)
     model.unet.enable_gradient_checkpointing()
-    recomputed = TextualInversionLoss(model.unet, model.text_encoder, model.alphas_cumprod, "eps")
+    recomputed = TextualInversionLoss(model.unet, model.conditioner, model.alphas_cumprod, "eps")
     loss_r, grad_r = ms.value_and_grad(recomputed, grad_position=0)(vectors, *batch)
     np.testing.assert_allclose(loss_r.asnumpy(), loss.asnumpy(), rtol=1e-6)
     np.testing.assert_allclose(grad_r.asnumpy(), grad.asnumpy(), rtol=1e-5, atol=1e-6 * np.abs(grad.asnumpy()).max())
@@ -297,7 +297,7 @@ def test_v_prediction_loss_targets_v():
         noise = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
         t = np.array([10, 900], np.int32)
         ids = sd.token_ids(["a photo", "a cat"])
-        loss_net = TextualInversionLoss(sd.unet, sd.text_encoder, sd.alphas_cumprod, "v")
+        loss_net = TextualInversionLoss(sd.unet, sd.conditioner, sd.alphas_cumprod, "v")
         vectors = np.zeros((1, sd.embedding_dim), np.float32)
         loss = float(loss_net(ms.Tensor(vectors), ms.Tensor(latents), ms.Tensor(ids), ms.Tensor(noise), ms.Tensor(t),
                               ms.Tensor(1.0, ms.float32)).asnumpy())

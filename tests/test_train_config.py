@@ -166,7 +166,7 @@ def test_shipped_configs_load_and_validate():
     names = [os.path.basename(p) for p in paths]
     assert names == ["train_config_textual_inversion_style_v1.yaml", "train_config_textual_inversion_tiny.yaml",
                      "train_config_textual_inversion_tiny_style.yaml", "train_config_textual_inversion_v1.yaml",
-                     "train_config_textual_inversion_v2.yaml"]
+                     "train_config_textual_inversion_v2.yaml", "train_config_textual_inversion_xl.yaml"]
     cfgs = {n: parse_train_config(["--train_config", p]) for n, p in zip(names, paths)}
     v1 = cfgs["train_config_textual_inversion_v1.yaml"]
     assert (v1.num_vectors, v1.start_learning_rate, v1.max_steps, v1.gradient_accumulation_steps, v1.scale_lr) == \
@@ -178,6 +178,10 @@ def test_shipped_configs_load_and_validate():
     tiny = cfgs["train_config_textual_inversion_tiny.yaml"]
     assert (tiny.version, tiny.image_size, tiny.random_crop) == ("tiny", 128, False)
     assert tiny.image_filter_size <= tiny.image_size
+    xl = cfgs["train_config_textual_inversion_xl.yaml"]   # invoke-training's SDXL recipe
+    assert (xl.version, xl.image_size, xl.num_vectors, xl.start_learning_rate, xl.scheduler, xl.warmup_steps,
+            xl.max_steps, xl.gradient_accumulation_steps, xl.random_crop, xl.flip_p) == \
+        ("xl", 1024, 4, 2e-3, "cosine", 200, 2000, 1, False, 0.0)
     tiny_style = cfgs["train_config_textual_inversion_tiny_style.yaml"]
     assert (tiny_style.version, tiny_style.learnable_property, tiny_style.placeholder_token,
             tiny_style.initializer_token, tiny_style.train_data_dir) == \

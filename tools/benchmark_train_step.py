@@ -399,13 +399,14 @@ def ours(args, cfg, inputs, weights):
     import mindspore as ms
     from mindspore import Tensor, nn
 
+    from ldm.modules.conditioner import Conditioner
     from ldm.pipeline import VAEGraph
     from ldm.training.loss import TextualInversionLoss
 
     unet, vae, text, alphas_cumprod = build_ours(cfg, weights)
     if args.recompute:
         unet.enable_gradient_checkpointing()
-    loss_net = TextualInversionLoss(unet, text, alphas_cumprod, cfg.parameterization)
+    loss_net = TextualInversionLoss(unet, Conditioner([text]), alphas_cumprod, cfg.parameterization)
     grad_fn = ms.value_and_grad(loss_net, grad_position=0)
     call_args = [Tensor(inputs[k]) for k in ("vectors", "latents", "ids", "noise", "timesteps")]
     call_args.append(Tensor(1.0, ms.float32))
@@ -433,11 +434,11 @@ def ours(args, cfg, inputs, weights):
     _, result["vae_encode"], _ = time_calls(vae_encode, args.repeat, 1)
     if not args.no_unet_part:
         class GivenContext(nn.Cell):
-            """The text encoder's stand-in: returns the context it is given, so the training loss
+            """The conditioner's stand-in: returns the context it is given, so the training loss
             differentiated at position 0 is the UNet part of the step alone."""
 
-            def construct(self, input_ids, context):
-                return context
+            def construct(self, input_ids, context, size_ids=None):
+                return context, None
 
         unet_grad_fn = ms.value_and_grad(TextualInversionLoss(unet, GivenContext(), alphas_cumprod,
                                                               cfg.parameterization), grad_position=0)

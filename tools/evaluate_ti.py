@@ -22,7 +22,7 @@ import mindspore as ms
 import numpy as np
 
 from data.toy_world import PURPLE_STAR, STYLE, judge
-from ldm.embeddings import check_dim, load_embedding
+from ldm.embeddings import check_fits, load_embedding
 from ldm.errors import UserInputError
 from ldm.pipeline import StableDiffusion, initial_latents
 from ldm.tokenizer import init_vectors, initializer_ids
@@ -95,7 +95,7 @@ def main(argv=None):
     sd = StableDiffusion.load("tiny")
     try:
         emb = load_embedding(args.ti_ckpt_path)
-        check_dim(emb, sd.embedding_dim, args.ti_ckpt_path)
+        check_fits(emb, sd.embedding_dims, args.ti_ckpt_path)
         rows = evaluate(sd, emb.token, emb.vectors, args.concept, args.initializer, args.n, args.seed)
     except UserInputError as err:
         p.exit(2, f"error: {err}\n")
