@@ -224,3 +224,16 @@ def test_diffusers_key_set_and_configs_load_strictly(xl, monkeypatch, tmp_path):
     # the folder's own config means what the shipped YAML does (the VAE's sample_size is only a tiling hint)
     (own, _, _), _ = _load(str(tmp_path))
     assert config_differences(own, cfg) == [("vae.resolution", 1024, 256)]
+
+
+def test_inspect_tool_reports_both_text_encoders():
+    from tools.inspect_checkpoint import describe
+
+    lines = []
+    assert describe(os.path.join(FIXTURES, "tiny-sdxl.safetensors"), os.path.join(FIXTURES, "tiny-sdxl"),
+                    out=lines.append)
+    text = "\n".join(lines)
+    assert "version: SDXL (linear transformer projections, OpenAI CLIP ViT-L + OpenCLIP ViT-bigG" in text
+    assert "    text_projection.weight (10, 8)" in text
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert f"  {part}: missing 0, unexpected 0, shape mismatch 0" in text

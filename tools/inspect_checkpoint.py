@@ -14,9 +14,10 @@ import sys
 from dataclasses import asdict
 
 from ldm.checkpoint_io import CheckpointError, sniff_format
-from ldm.convert import (PARTS, check_fits, collect_key_reports, compare_keys, config_from_diffusers,
-                         infer_config, is_diffusers_folder, load_pretrained, sd_version)
+from ldm.convert import (check_fits, collect_key_reports, compare_keys, config_from_diffusers, infer_config,
+                         is_diffusers_folder, load_pretrained, sd_version)
 from ldm.errors import UserInputError
+from ldm.models import model_parts
 
 KEY_SHAPES = {
     "unet": ("input_blocks.0.0.weight", "input_blocks.1.1.proj_in.weight",
@@ -24,7 +25,10 @@ KEY_SHAPES = {
     "vae": ("encoder.conv_in.weight", "encoder.mid.attn_1.q.weight", "decoder.conv_out.weight"),
     "text_encoder": ("text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
                      "text_model.encoder.layers.0.mlp.fc1.weight"),
+    "text_encoder_2": ("text_model.embeddings.token_embedding.weight", "text_projection.weight"),
 }
+# what each version's text encoders are
+TEXT_KINDS = {"1.x": "OpenAI CLIP", "2.x": "OpenCLIP", "xl": "OpenAI CLIP ViT-L + OpenCLIP ViT-bigG"}
 LAYOUTS = {"original": "original CompVis/Stability single file", "diffusers": "diffusers pipeline folder",
            "mindone": "mindone MindSpore checkpoint"}
 
@@ -50,14 +54,14 @@ def describe(path, config_path=None, list_all=False, out=print, use_ema=False):
     out(f"  format: {fmt}; layout: {LAYOUTS[layout]}")
     out(f"  keys: {reports[-1].summary()}")
     version = sd_version(weights_cfg)
-    text_kind = "OpenCLIP" if not weights_cfg.text_encoder.use_quick_gelu else "OpenAI CLIP"
-    out(f"  version: SD {version} ({'linear' if version == '2.x' else '1x1-conv'} transformer projections, "
-        f"{text_kind}-style text encoder)")
+    label = "SDXL" if version == "xl" else f"SD {version}"
+    projections = "linear" if weights_cfg.unet.use_linear_in_transformer else "1x1-conv"
+    out(f"  version: {label} ({projections} transformer projections, {TEXT_KINDS[version]}-style text encoder)")
     if layout == "diffusers":
         out(f"  prediction: {own_cfg.parameterization} (scheduler config)")
     else:
         out("  prediction: not recorded in the file (eps, or v for the SD 2.x 768-v models)")
-    for part in PARTS:
+    for part in model_parts(weights_cfg):
         sd = parts[part]
         dtypes = sorted({str(v.dtype) for v in sd.values()})
         count = sum(int(v.size) for v in sd.values())
@@ -69,7 +73,7 @@ def describe(path, config_path=None, list_all=False, out=print, use_ema=False):
             for key in sorted(sd):
                 out(f"      {key} {tuple(sd[key].shape)} {sd[key].dtype}")
     out("  inferred config (head and group counts are not in the weights: those are the SD release's):")
-    for part in PARTS:
+    for part in model_parts(weights_cfg):
         out(f"    {part}: {_summary(getattr(weights_cfg, part))}")
     if not config_path:
         return True
@@ -85,7 +89,7 @@ def describe(path, config_path=None, list_all=False, out=print, use_ema=False):
         from ldm.models import build_models
         del parts   # full-size weights: do not hold two copies
         _, parts, _ = load_pretrained(path, cfg, use_ema)
-        for part, cell in zip(PARTS, build_models(cfg, init=False)):
+        for part, cell in zip(model_parts(cfg), build_models(cfg, init=False)):
             missing, unexpected, mismatched = compare_keys(cell, parts[part])
             out(f"  {part}: missing {len(missing)}, unexpected {len(unexpected)}, shape mismatch {len(mismatched)}")
             for label, names in (("missing", missing), ("unexpected", unexpected), ("mismatch", mismatched)):
