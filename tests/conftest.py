@@ -28,3 +28,65 @@ def pynative_mode():
 def graph_mode():
     """The module's tests run in graph mode; the previous mode is restored after them."""
     yield from _mode(ms.GRAPH_MODE)
+
+
+@pytest.fixture(scope="session")
+def _loaded():
+    """The session's models and training graphs behind `shared_graphs` (kept alive: the caches key on ids)."""
+    return {"models": {}, "losses": {}, "grads": {}}
+
+
+@pytest.fixture
+def shared_graphs(_loaded, monkeypatch):
+    """The test's `StableDiffusion.load` calls and training runs reuse the session's cells and compiled graphs.
+
+    MindSpore compiles a graph per cell and per `value_and_grad` call (tens of seconds each for the tiny UNets),
+    so every train_textual_inversion.main() run would compile the same training graph again. Here each load with
+    the same arguments gets the cells of the session's first such load, wrapped in a fresh StableDiffusion with
+    its own tokenizer copy and no placeholders, as a real load gives; the trainer's loss over the same cells is
+    one cell, and its gradient one compiled function. Weights are frozen and the placeholder vectors are the loss's
+    input, so a run computes what it would on freshly loaded cells.
+    """
+    import copy
+
+    import train_textual_inversion
+    from ldm.modules.openaimodel import UNetModel
+    from ldm.pipeline import StableDiffusion
+
+    real_load, real_loss, real_value_and_grad = StableDiffusion.load, train_textual_inversion.TextualInversionLoss, \
+        ms.value_and_grad
+    models, losses, grads = _loaded["models"], _loaded["losses"], _loaded["grads"]
+
+    def load(version, weights=None, model_config=None, dtype="fp32", clip_skip=1, use_ema=False):
+        key = (version, weights, model_config, dtype, clip_skip, use_ema)
+        if key not in models:
+            models[key] = real_load(version, weights, model_config, dtype, clip_skip, use_ema)
+        base = models[key]
+        return StableDiffusion(base.config, base.unet, base.vae, base.text_encoder, copy.deepcopy(base.tokenizer),
+                               name=base.name, scheduler_settings=base.scheduler_settings,
+                               text_encoder_2=base.text_encoders[1] if base.is_xl else None,
+                               tokenizer_2=copy.deepcopy(base.tokenizers[1]) if base.is_xl else None,
+                               force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt)
+
+    def loss(unet, conditioner, alphas_cumprod, parameterization):
+        key = (id(unet), tuple(id(te) for te in conditioner.text_encoders), parameterization,
+               alphas_cumprod.tobytes())
+        if key not in losses:
+            losses[key] = real_loss(unet, conditioner, alphas_cumprod, parameterization)
+        return losses[key]
+
+    def value_and_grad(fn, grad_position=0, *args, **kwargs):
+        if args or kwargs or not any(fn is cell for cell in losses.values()):
+            return real_value_and_grad(fn, grad_position, *args, **kwargs)
+        key = (id(fn), grad_position)
+        if key not in grads:
+            grads[key] = real_value_and_grad(fn, grad_position)
+        return grads[key]
+
+    def no_recompute(self):
+        raise AssertionError("recompute would change the session's shared UNet: test it on a model of its own")
+
+    monkeypatch.setattr(StableDiffusion, "load", load)
+    monkeypatch.setattr(train_textual_inversion, "TextualInversionLoss", loss)
+    monkeypatch.setattr(ms, "value_and_grad", value_and_grad)
+    monkeypatch.setattr(UNetModel, "enable_gradient_checkpointing", no_recompute)

@@ -38,7 +38,7 @@ def _train(yaml, out):
     return emb
 
 
-def test_textual_inversion_learns_the_object(tmp_path, tiny):
+def test_textual_inversion_learns_the_object(tmp_path, tiny, shared_graphs):
     emb = _train("configs/train/train_config_textual_inversion_tiny.yaml", tmp_path)
     assert emb.token == "<my-shape>"
     rows = evaluate(tiny, emb.token, emb.vectors, "object", n=16, seed=1000)
@@ -51,7 +51,7 @@ def test_textual_inversion_learns_the_object(tmp_path, tiny):
     assert share(edited, shape=shape, fg=colour, bg="yellow") >= 0.7, rows
 
 
-def test_textual_inversion_learns_the_style(tmp_path, tiny):
+def test_textual_inversion_learns_the_style(tmp_path, tiny, shared_graphs):
     emb = _train("configs/train/train_config_textual_inversion_tiny_style.yaml", tmp_path)
     assert emb.token == "<my-style>"
     rows = evaluate(tiny, emb.token, emb.vectors, "style", n=16, seed=1000)

@@ -110,7 +110,7 @@ def test_only_the_vectors_change(sd, batch, grad_fn):
     assert all(not p.requires_grad for c in cells.values() for p in c.get_parameters())
 
 
-def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog):
+def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog, shared_graphs):
     common = ["--num_vectors", "2", "--gradient_accumulation_steps", "2", "--train_batch_size", "2",
               "--scheduler", "linear", "--start_learning_rate", "5e-3", "--decay_steps", "4",
               "--ckpt_save_interval", "2", "--log_interval", "3"]
@@ -253,7 +253,7 @@ def test_output_path_not_writable_or_holding_a_run(tmp_path, capsys):
     assert earlier.read_bytes() == b"earlier run"
 
 
-def test_non_finite_gradient_stops_and_keeps_the_last_good_embedding(tmp_path, capsys):
+def test_non_finite_gradient_stops_and_keeps_the_last_good_embedding(tmp_path, capsys, shared_graphs):
     # an absurd learning rate blows the vectors up to ~1e38; the next gradient overflows
     code = run(tmp_path, "--start_learning_rate", "1e38", "--scheduler", "constant", "--max_steps", "4",
                "--ckpt_save_interval", "1")
