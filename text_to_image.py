@@ -29,9 +29,9 @@ from ldm.pretrained import VERSIONS, get_version
 logger = logging.getLogger("text_to_image")
 
 SAMPLER_FLAGS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM++ 2M", "uni_pc": "UniPC"}
-# the guidance scales of the reference scripts: CompVis/Stability txt2img (7.5, 9.0), diffusers' SDXL pipeline (5.0)
-DEFAULT_SCALES = {"1": 7.5, "2": 9.0, "x": 5.0}
-SIZE_FLAGS = ("original_size", "crops_coords_top_left", "target_size")
+# SDXL's size conditioning, diffusers' names: (default, metavar)
+SIZE_FLAGS = {"original_size": ("the image size", ("H", "W")), "crops_coords_top_left": ("0 0", ("TOP", "LEFT")),
+              "target_size": ("the image size", ("H", "W"))}
 
 
 def parse_args(argv=None):
@@ -56,9 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--W", type=int, default=None, help="width in pixels (default: the version's)")
     p.add_argument("--scale", type=float, default=None,
                    help="guidance scale (default 7.5 for 1.x, 9.0 for 2.x, 5.0 for SDXL)")
-    for flag, default in (("original_size", "the image size"), ("crops_coords_top_left", "0 0"),
-                          ("target_size", "the image size")):
-        p.add_argument(f"--{flag}", type=int, nargs=2, default=None, metavar=("H", "W") if "size" in flag else ("TOP", "LEFT"),
+    for flag, (default, metavar) in SIZE_FLAGS.items():
+        p.add_argument(f"--{flag}", type=int, nargs=2, default=None, metavar=metavar,
                        help=f"SDXL's {flag} conditioning (default: {default})")
     p.add_argument("--sampling_steps", type=int, default=20, help="denoising steps per image")
     group = p.add_mutually_exclusive_group()
@@ -137,7 +136,7 @@ def generate(args):
     prompts = read_prompts(args)
     version = get_version(args.version)
     height, width = args.H or version.image_size, args.W or version.image_size
-    scale = args.scale if args.scale is not None else DEFAULT_SCALES.get(args.version[:1], 7.5)
+    scale = args.scale if args.scale is not None else version.guidance_scale
     sampler = next((flag for flag in SAMPLER_FLAGS if getattr(args, flag)), "dpm_solver")
 
     sd = StableDiffusion.load(args.version, args.ckpt_path, args.config, args.dtype, clip_skip=args.clip_skip,

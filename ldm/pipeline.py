@@ -106,7 +106,8 @@ class StableDiffusion:
         for text_encoder in text_encoders:
             text_encoder.set_clip_skip(clip_skip)
         encoder_configs = [config.text_encoder, config.text_encoder_2][:len(text_encoders)]
-        tokenizers = [_tokenizer(path, folder, te.pad_token) for folder, te in zip(TOKENIZER_FOLDERS, encoder_configs)]
+        tokenizers = [_tokenizer(path, folder, te.pad_token)
+                      for folder, te in zip(TOKENIZER_FOLDERS, encoder_configs)]
         # SDXL base's pipeline setting, unless a diffusers folder says otherwise
         force_zeros = read_json(os.path.join(path, "model_index.json"), required=False).get(
             "force_zeros_for_empty_prompt", len(text_encoders) == 2)
@@ -124,9 +125,11 @@ class StableDiffusion:
             raise ValueError(
                 f"embedding for {placeholder!r} has shape {vectors.shape}; this model needs [N, {self.embedding_dim}]"
             )
-        ids = [add_placeholder_tokens(tokenizer, placeholder, len(vectors)) for tokenizer in self.tokenizers][0]
+        # every tokenizer gets the tokens, at the same ids (SDXL's two share the vocabulary)
+        ids, *others = [add_placeholder_tokens(tokenizer, placeholder, len(vectors)) for tokenizer in self.tokenizers]
         # ids are consecutive after the vocabulary, so row id - vocab_size is the next free row
         assert ids[0] - self.vocab_size == len(self.extra_embeddings), "placeholder ids out of step with the rows"
+        assert all(other == ids for other in others), "the tokenizers gave the placeholder different ids"
         self.extra_embeddings = np.concatenate([self.extra_embeddings, vectors])
         self.placeholders[placeholder] = placeholder_names(placeholder, len(vectors))
         return ids
@@ -181,7 +184,8 @@ class StableDiffusion:
     def size_ids(self, n, height, width, original_size=None, crops_coords_top_left=None, target_size=None):
         """SDXL's `[n, 6]` size conditioning, diffusers' defaults: original and target size = the image's
         `(height, width)`, crop at (0, 0)."""
-        row = (*(original_size or (height, width)), *(crops_coords_top_left or (0, 0)), *(target_size or (height, width)))
+        row = (*(original_size or (height, width)), *(crops_coords_top_left or (0, 0)),
+               *(target_size or (height, width)))
         return np.tile(np.asarray(row, np.float32), (n, 1))
 
     def sample(self, prompts, latents, sampler="dpm_solver", steps=20, scale=7.5, negative_prompt="",

