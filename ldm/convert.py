@@ -573,9 +573,8 @@ def _count(sd, pattern):
     return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
 
 
-# SDXL base's settings that its weights do not tell
+# SDXL base's scale factor, which its weights do not tell
 XL_SCALE_FACTOR = 0.13025
-XL_IMAGE_SIZE = 1024
 
 
 def _text_config_from_weights(text, openclip, layer="last"):
@@ -604,7 +603,7 @@ def infer_config(parts, text_flavour=None):
     layout says which CLIP it is. A level without attention gets transformer depth 1 (as SDXL's configs
     write it), except the last, whose depth is the middle block's.
     """
-    from ldm.models import ModelConfig, UNetConfig, VAEConfig
+    from ldm.models import SDXL_IMAGE_SIZE, ModelConfig, UNetConfig, VAEConfig
 
     unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
     proj_in = next((v for k, v in unet.items() if k.endswith(".proj_in.weight")), None)
@@ -652,7 +651,7 @@ def infer_config(parts, text_flavour=None):
     text_2 = _text_config_from_weights(parts["text_encoder_2"], openclip=True, layer="penultimate")
     return ModelConfig(
         unet=unet_cfg, vae=vae_cfg, text_encoder=_text_config_from_weights(text, False, "penultimate"),
-        text_encoder_2=text_2, scale_factor=XL_SCALE_FACTOR, image_size=XL_IMAGE_SIZE,
+        text_encoder_2=text_2, scale_factor=XL_SCALE_FACTOR, image_size=SDXL_IMAGE_SIZE,
         size_embedding_dim=(unet_cfg.adm_in_channels - text_2.projection_dim) // SIZE_IDS)
 
 

@@ -162,7 +162,7 @@ _SDXL_BIGG_PARAMS = {"arch": ("ViT-H-14", "ViT-bigG-14"), "layer": ("last", "pen
 _SGM_SCALINGS = {"sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling": "eps",
                  "sgm.modules.diffusionmodules.denoiser_scaling.VScaling": "v"}
 _SGM_DISCRETIZATION = "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"
-_SDXL_IMAGE_SIZE = 1024   # SDXL base's training size; sgm YAMLs do not carry one
+SDXL_IMAGE_SIZE = 1024   # SDXL base's training size; neither sgm YAMLs nor its weights carry one
 
 # What the CompVis/Stability text classes load by name (their YAMLs give no sizes)
 _RELEASED_TEXT_ENCODERS = {
@@ -388,7 +388,7 @@ def _sgm_model_config(mp, path):
     if unet.context_dim != text.width + text_2.width:
         raise ModelConfigError(f"{where}.context_dim {unet.context_dim} does not match the two text encoders' "
                                f"{text.width} + {text_2.width}")
-    top = dict(_sgm_schedule(mp, path), image_size=_SDXL_IMAGE_SIZE, size_embedding_dim=size_dim)
+    top = dict(_sgm_schedule(mp, path), image_size=SDXL_IMAGE_SIZE, size_embedding_dim=size_dim)
     if "scale_factor" in mp:
         top["scale_factor"] = mp["scale_factor"]
     return replace(_typed(ModelConfig, top, f"{path}: model.params"), unet=unet, vae=vae, text_encoder=text,
