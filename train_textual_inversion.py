@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -31,9 +32,10 @@ from ldm.checkpoint_io import atomic_write
 from ldm.embeddings import save_a1111_safetensors, save_png_card, save_ti_ckpt
 from ldm.errors import USER_ERRORS, UserInputError
 from ldm.pipeline import StableDiffusion, image_grid, initial_latents
+from ldm.scoring import best_row, make_scorer, read_metrics, score_row, training_images, write_metrics
 from ldm.tokenizer import initializer_ids, init_vectors, placeholder_names
 from ldm.training.config import ConfigError, parse_train_config, save_resolved
-from ldm.training.figures import save_captioned_grid, save_loss_curve
+from ldm.training.figures import save_captioned_grid, save_loss_curve, save_score_plot
 from ldm.training.loss import TextualInversionLoss
 from ldm.training.optim import Adam, DynamicLossScale, clip_grad_norm, learning_rate
 
@@ -112,10 +114,13 @@ class Trainer:
         self.is_main = self.rank == 0
         self.weights_dir = os.path.join(cfg.output_path, "weights")
         self.log_path = os.path.join(cfg.output_path, "loss_log.csv")
+        self.metrics_path = os.path.join(cfg.output_path, "metrics.csv")
         if self.is_main:
             check_output_path(cfg)
         self.sd, self.placeholder_ids, self.vectors = load_models(cfg)
         self.dataset, self.batches, self.cache = load_data(cfg, self.sd, self.rank, self.world)
+        self.scorer = load_scorer(cfg, self.dataset) if self.is_main else None
+        self.metrics = {}  # step -> metrics.csv row
 
         steps_per_epoch = math.ceil(self.batches.steps_per_epoch / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -155,7 +160,8 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def start_outputs(self):
-        """Output folders, the resolved config, and the loss log's header (a resumed run appends to its log)."""
+        """Output folders, the resolved config, and the loss log's header (a resumed run appends to its log and
+        reads back the scores so far)."""
         cfg = self.cfg
         os.makedirs(os.path.join(cfg.output_path, "state"), exist_ok=True)
         os.makedirs(self.weights_dir, exist_ok=True)
@@ -163,6 +169,9 @@ class Trainer:
         if not (cfg.resume and os.path.exists(self.log_path)):
             with open(self.log_path, "w", newline="") as f:
                 csv.writer(f).writerow(LOG_COLUMNS)
+        if self.scorer and cfg.resume and os.path.exists(self.metrics_path):
+            # a run resumed from an older state scores the later steps again
+            self.metrics = {s: row for s, row in read_metrics(self.metrics_path).items() if s <= self.step}
         if self.sd.is_xl:
             logger.info("each save also writes a clip_l/clip_g .safetensors (A1111, ComfyUI, kohya); A1111 names an "
                         "embedding after its file, so rename it to %s.safetensors to prompt with that word",
@@ -224,12 +233,14 @@ class Trainer:
         row and the save also at the last step of the run (the end, or a stop signal)."""
         cfg, step = self.cfg, self.step
         last = step == self.max_steps or stopping
+        validating = cfg.validation_prompt and step % cfg.validation_steps == 0
         if step % cfg.log_interval == 0 or last:
             with open(self.log_path, "a", newline="") as f:
                 csv.writer(f).writerow([step, f"{loss:.6f}", f"{lr:.6e}", self.loss_scale.scale, f"{seconds:.3f}"])
-        if step % cfg.ckpt_save_interval == 0 or last:
+        # a scored embedding is saved, so that best_ti.ckpt can be a copy of it
+        if step % cfg.ckpt_save_interval == 0 or last or (validating and self.scorer):
             self.last_saved = self.save()
-        if cfg.validation_prompt and step % cfg.validation_steps == 0:
+        if validating:
             self.validate()
 
     def save(self):
@@ -247,28 +258,51 @@ class Trainer:
         return stem + "_ti.ckpt"
 
     def validate(self):
-        """Sample the validation prompt with the current vectors: a grid captioned with step and prompt."""
+        """Sample the validation prompt with the current vectors, and with a scorer the edited prompts from the same
+        seeds: a grid captioned with step and prompts (a row each), and the scores (`keep_best`)."""
         cfg, sd = self.cfg, self.sd
         sd.set_placeholder_vectors(self.placeholder_ids, self.vectors)
         n, size = cfg.num_validation_images, cfg.image_size
         latents = initial_latents(cfg.seed, n, size, size, factor=sd.latent_factor)
-        images = sd.sample([cfg.validation_prompt] * n, latents)
+        prompts = [cfg.validation_prompt] + (cfg.edit_prompts() if self.scorer else [])
+        samples = [sd.sample([prompt] * n, latents) for prompt in prompts]
         path = os.path.join(cfg.output_path, "validation", f"step_{self.step:07d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_captioned_grid(path, image_grid(images), [f"step {self.step}", cfg.validation_prompt])
+        grid = image_grid(np.concatenate(samples), cols=n if self.scorer else None)
+        save_captioned_grid(path, grid, [f"step {self.step}", *prompts])
         if not sd.is_xl:
             # the first image as an A1111 embedding card (A1111 trains no SDXL embeddings, so has no SDXL card)
             card = os.path.join(self.weights_dir, f"{run_name(cfg.version)}_textual_inversion_{self.step}_ti.png")
-            save_png_card(card, images[0], cfg.placeholder_token, self.vectors, self.step, sd.name)
+            save_png_card(card, samples[0][0], cfg.placeholder_token, self.vectors, self.step, sd.name)
+        if self.scorer:
+            self.keep_best(score_row(self.scorer, self.step, os.path.basename(self.last_saved), samples[0],
+                                     dict(zip(prompts[1:], samples[1:]))))
+
+    def keep_best(self, row):
+        """The validation's scores as a metrics.csv row, and weights/best_ti.ckpt: a copy of the best embedding so
+        far by the scorer's rule (ldm.scoring.best_row)."""
+        self.metrics[self.step] = row
+        write_metrics(self.metrics_path, self.metrics.values())
+        best = best_row(self.metrics.values(), self.scorer.margin)
+        with atomic_write(os.path.join(self.weights_dir, "best_ti.ckpt")) as tmp:
+            shutil.copyfile(os.path.join(self.weights_dir, best["checkpoint"]), tmp)
+        logger.info("step %d: concept %.3g, edit %.3g (%s); best so far: step %d", self.step, row["concept"],
+                    row["edit"], self.scorer.name, best["step"])
 
     def finish(self):
-        """The loss plot of the whole log (a resumed run's earlier rows included)."""
+        """The loss plot of the whole log (a resumed run's earlier rows included) and the scores' plot."""
         with open(self.log_path) as f:
             # a run resumed from an older state logs some steps again: the newer row counts
             rows = sorted({int(r["step"]): r for r in csv.DictReader(f)}.items())
         save_loss_curve(os.path.join(self.cfg.output_path, "loss.png"), [step for step, _ in rows],
                         [float(r["loss"]) for _, r in rows], [float(r["lr"]) for _, r in rows])
         logger.info("saved %s", self.last_saved)
+        if self.metrics:
+            best = best_row(self.metrics.values(), self.scorer.margin)
+            save_score_plot(os.path.join(self.cfg.output_path, "scores.png"), self.metrics.values(), best,
+                            self.scorer.name)
+            logger.info("best by %s: step %d, copied to %s", self.scorer.name, best["step"],
+                        os.path.join(self.weights_dir, "best_ti.ckpt"))
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -312,6 +346,17 @@ def load_data(cfg, sd, rank, world):
         cache = tuple(np.concatenate(p) for p in zip(*posts))
         logger.info("latent cache: %d variants encoded once", len(posts))
     return dataset, batches, cache
+
+
+def load_scorer(cfg, dataset):
+    """validation_metric's scorer of the training images (None for none or without validation); an edited prompt
+    it cannot score is refused before training starts."""
+    if cfg.validation_metric == "none" or not cfg.validation_prompt:
+        return None
+    scorer = make_scorer(cfg.validation_metric, training_images(dataset), cfg.placeholder_token)
+    for prompt in cfg.edit_prompts():
+        scorer.check_prompt(prompt)
+    return scorer
 
 
 def init_runtime(cfg):

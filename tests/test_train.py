@@ -21,6 +21,7 @@ import train_textual_inversion as T
 from data.dataset import get_templates
 from ldm.embeddings import load_embedding
 from ldm.pipeline import StableDiffusion
+from ldm.scoring import best_row, read_metrics, write_metrics
 from ldm.tokenizer import add_placeholder_tokens, placeholder_names
 from ldm.training.config import ConfigError
 from ldm.training.figures import PLOT_SIZE, save_captioned_grid, save_loss_curve
@@ -121,7 +122,8 @@ def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog, 
     assert [signal.getsignal(sig) for sig in T.STOP_SIGNALS] == handlers   # the caller's handlers are back
     full = tmp_path / "full"
     ckpts = sorted(f for f in os.listdir(full / "weights") if f.endswith(".ckpt"))
-    assert ckpts == ["SDv1.5_textual_inversion_2_ti.ckpt", "SDv1.5_textual_inversion_4_ti.ckpt"]
+    # and the best of the scored validations (the tiny config's validation_metric judge)
+    assert ckpts == ["SDv1.5_textual_inversion_2_ti.ckpt", "SDv1.5_textual_inversion_4_ti.ckpt", "best_ti.ckpt"]
     emb = load_embedding(str(full / "weights" / ckpts[1]))
     assert emb.token == "<my-shape>" and emb.vectors.shape == (2, 6)
     # the validation image as an A1111 embedding card holding the same vectors
@@ -168,6 +170,33 @@ def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog, 
     with pytest.raises(T.DamagedStateError, match=f"--resume {newest} is damaged .*pass an earlier state"):
         T.load_resume_state(str(newest), str(tmp_path / "split"))
     assert issubclass(T.DamagedStateError, T.USER_ERRORS)
+
+
+def test_scored_validation_keeps_the_best_embedding_across_resume(tmp_path, shared_graphs):
+    scored = ["--validation_prompt", "a photo of <my-shape>", "--validation_steps", "1", "--num_validation_images", "1",
+              "--validation_metric", "judge", "--ckpt_save_interval", "10", "--log_interval", "10"]
+    assert run(tmp_path, *scored, "--max_steps", "1") == 0
+    out = tmp_path / "out"
+    weights = out / "weights"
+    metrics = read_metrics(out / "metrics.csv")
+    # a scored validation's embedding is saved, whatever ckpt_save_interval says
+    assert list(metrics) == [1] and metrics[1]["checkpoint"] == "SDv1.5_textual_inversion_1_ti.ckpt"
+    assert set(metrics[1]) == {"step", "checkpoint", "concept", "edit", "edit: a <my-shape> on a yellow background"}
+    assert (weights / "best_ti.ckpt").read_bytes() == (weights / metrics[1]["checkpoint"]).read_bytes()
+    assert (out / "scores.png").exists()
+    # the validation grid: a row per prompt (the validation prompt's, the edited prompt's) of 64 px images
+    width, height = Image.open(out / "validation" / "step_0000001.png").size
+    assert width == 64 and height > 128
+
+    # step 1 scored as well as a step can (by hand): the resumed run keeps it as the best, its own row added
+    metrics[1].update(concept=1.0, edit=1.0)
+    write_metrics(out / "metrics.csv", metrics.values())
+    assert run(tmp_path, *scored, "--max_steps", "2", "--resume", "latest") == 0
+    metrics = read_metrics(out / "metrics.csv")
+    assert list(metrics) == [1, 2] and metrics[1]["concept"] == 1.0
+    best = best_row(metrics.values(), 0.1)
+    assert best["step"] == 1 and metrics[2]["checkpoint"] == "SDv1.5_textual_inversion_2_ti.ckpt"
+    assert (weights / "best_ti.ckpt").read_bytes() == (weights / best["checkpoint"]).read_bytes()
 
 
 def test_captions_must_fit_the_context():

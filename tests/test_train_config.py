@@ -138,6 +138,36 @@ def test_validate_rejects(flags, fragment):
         parse_train_config(REQUIRED + flags)
 
 
+def test_validation_metric_and_edit_prompts(tmp_path):
+    path = write_yaml(tmp_path / "m.yaml", "train_data_dir: d\nplaceholder_token: <t>\nvalidation_prompt: a <t>\n"
+                      "validation_metric: judge\nvalidation_edit_prompts:\n  - \"a {} on a red background\"\n"
+                      "  - a {} on a blue background\n")
+    cfg = parse_train_config(["--train_config", path])
+    assert cfg.validation_metric == "judge"
+    assert cfg.edit_prompts() == ["a <t> on a red background", "a <t> on a blue background"]
+    # on the command line a prompt's comma is its own; several prompts are several values
+    assert parse_train_config(REQUIRED + ["--validation_edit_prompts", "a {}, outlined"]).edit_prompts() == \
+        ["a <t>, outlined"]
+    assert parse_train_config(REQUIRED + ["--validation_edit_prompts", "a {}", "b {}"]).validation_edit_prompts == \
+        ("a {}", "b {}")
+    # unset: the default of the learnable property, which names a scene every scorer can check
+    assert parse_train_config(REQUIRED).edit_prompts() == ["a <t> on a yellow background"]
+    assert parse_train_config(REQUIRED + ["--learnable_property", "style"]).edit_prompts() == \
+        ["a yellow circle on a blue background in the style of <t>"]
+    assert parse_train_config(REQUIRED).validation_metric == "none"
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--validation_metric", "fid"], "validation_metric must be one of judge, clip, none, got 'fid'"),
+    (["--validation_edit_prompts", "a red circle"], r"validation_edit_prompts must be .* each with \{\}"),
+    (["--validation_edit_prompts", "[]"], "validation_edit_prompts must be one or more prompts"),
+])
+def test_validation_metric_mistakes_are_one_line(flags, fragment):
+    with pytest.raises(ConfigError, match=fragment) as err:
+        parse_train_config(REQUIRED + flags)
+    assert "\n" not in str(err.value)
+
+
 def test_required_keys_and_parse_without_validation():
     with pytest.raises(ConfigError, match="train_data_dir is required.*placeholder_token is required"):
         parse_train_config([])
@@ -177,6 +207,7 @@ def test_shipped_configs_load_and_validate():
     assert (style.learnable_property, style.placeholder_token, style.num_vectors) == ("style", "<chinese-art>", 1)
     tiny = cfgs["train_config_textual_inversion_tiny.yaml"]
     assert (tiny.version, tiny.image_size, tiny.random_crop) == ("tiny", 128, False)
+    assert tiny.validation_metric == "judge" and tiny.edit_prompts() == ["a <my-shape> on a yellow background"]
     assert tiny.image_filter_size <= tiny.image_size
     xl = cfgs["train_config_textual_inversion_xl.yaml"]   # invoke-training's SDXL recipe
     assert (xl.version, xl.image_size, xl.num_vectors, xl.start_learning_rate, xl.scheduler, xl.warmup_steps,
@@ -186,6 +217,7 @@ def test_shipped_configs_load_and_validate():
     assert (tiny_style.version, tiny_style.learnable_property, tiny_style.placeholder_token,
             tiny_style.initializer_token, tiny_style.train_data_dir) == \
         ("tiny", "style", "<my-style>", "drawing", "data/examples/outlined")
+    assert tiny_style.validation_metric == "judge"
 
 
 def test_help_lists_keys(capsys):

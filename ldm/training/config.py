@@ -32,6 +32,11 @@ def _opt(default, help, choices=None, **kwargs):
     return field(default=default, metadata={"help": help, "choices": choices}, **kwargs)
 
 
+# a scored validation's edited prompts when validation_edit_prompts is unset; each scorer can read them
+DEFAULT_EDIT_PROMPTS = {"object": ("a {} on a yellow background",),
+                        "style": ("a yellow circle on a blue background in the style of {}",)}
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -98,6 +103,16 @@ class TrainConfig:
     validation_prompt: Optional[str] = _opt(None, "prompt sampled during training; unset = no validation")
     validation_steps: int = _opt(100, "sample validation images every N steps")
     num_validation_images: int = _opt(4, "images per validation")
+    validation_metric: str = _opt("none", "score each validation's samples into metrics.csv and keep weights/"
+                                          "best_ti.ckpt, a copy of the best embedding so far: the best concept score "
+                                          "among those whose edit score is within the metric's margin of the best "
+                                          "(ldm/scoring.py); judge = the toy world's pixel judge, clip = CLIP-I and "
+                                          "CLIP-T; without validation_prompt nothing is scored",
+                                  ("judge", "clip", "none"))
+    validation_edit_prompts: Optional[Tuple[str, ...]] = _opt(
+        None, "prompts with {} for the placeholder that put the concept in a new scene, sampled with the validation's "
+              "seeds for the edit score; unset = " + ", ".join(
+                  f"'{prompts[0]}' ({kind})" for kind, prompts in DEFAULT_EDIT_PROMPTS.items()))
     resume: Optional[str] = _opt(None, "training state to resume from")
     # runtime
     mode: int = _opt(0, "MindSpore mode: 0 graph, 1 pynative", (0, 1))
@@ -114,6 +129,11 @@ class TrainConfig:
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+    def edit_prompts(self) -> list:
+        """The edited prompts of a scored validation, with the placeholder in their `{}`."""
+        templates = self.validation_edit_prompts or DEFAULT_EDIT_PROMPTS[self.learnable_property]
+        return [t.replace("{}", self.placeholder_token) for t in templates]
 
     def validate(self) -> "TrainConfig":
         """Cross-field checks; raises one ConfigError listing every problem."""
@@ -170,6 +190,10 @@ class TrainConfig:
         need(self.scale_window >= 1, f"scale_window has to be >= 1, got {self.scale_window}")
         for name in ("ckpt_save_interval", "log_interval", "validation_steps", "num_validation_images"):
             need(getattr(self, name) >= 1, f"{name} has to be >= 1, got {getattr(self, name)}")
+        if self.validation_edit_prompts is not None:
+            need(len(self.validation_edit_prompts) > 0 and all("{}" in p for p in self.validation_edit_prompts),
+                 "validation_edit_prompts must be one or more prompts, each with {} where the placeholder goes, got "
+                 f"{list(self.validation_edit_prompts)}")
         if problems:
             raise ConfigError("invalid train config: " + "; ".join(problems))
         return self
@@ -244,6 +268,11 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
 
 
+def _is_list(tp) -> bool:
+    """A list-valued key's type (an optional one too)."""
+    return any(typing.get_origin(t) is tuple for t in (tp, *typing.get_args(tp)))
+
+
 def _scalar(value, tp, choices):
     """Convert one scalar or return the _BAD sentinel. CLI values arrive as strings, YAML ones typed."""
     if tp is bool:
@@ -297,7 +326,11 @@ def _coerce(name: str, value, where: str):
         if isinstance(value, str):
             text = value.strip()
             try:
-                value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+                if text.startswith("["):
+                    value = yaml.safe_load(text)
+                else:
+                    # a prompt's commas are its own: one string is one prompt
+                    value = [text] if item_tp is str else [v for v in text.split(",") if v.strip()]
             except yaml.YAMLError:
                 value = None
         items = [_scalar(v, item_tp, None) for v in value] if isinstance(value, (list, tuple)) else [_BAD]
@@ -372,7 +405,7 @@ def _split_cli(argv):
             if key in _FIELDS or key in IGNORED_MINDONE_KEYS or key == "train_config":
                 raise ConfigError(f"{flag} needs a value")
             raise ConfigError(f"unknown command-line flag '{flag}'{_suggest(key)}")
-        if len(following) > 1 and not (tp is not None and typing.get_origin(tp) is tuple):
+        if len(following) > 1 and not _is_list(tp):
             raise ConfigError(f"{flag} takes one value, got {' '.join(following)!r}")
         out.append((key, following if len(following) > 1 else following[0], flag))
     return out

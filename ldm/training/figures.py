@@ -1,4 +1,4 @@
-"""The images a training run writes for people: the loss plot and captioned validation grids.
+"""The images a training run writes for people: the loss plot, the scores plot and captioned validation grids.
 
 Pillow only (no plotting dependency for two line charts) and its default font; written atomically.
 """
@@ -17,6 +17,7 @@ LEFT, RIGHT, TOP, BOTTOM = 64, 24, 28, 48
 LR_PANEL, GAP = 80, 30
 TEXT, GRID = (40, 40, 40), (228, 228, 228)
 RAW, SMOOTH, LR = (185, 200, 235), (25, 70, 180), (205, 110, 20)
+EDIT_FAINT, BEST = (240, 205, 170), (40, 150, 60)
 
 
 def ema(values, decay=EMA_DECAY):
@@ -108,6 +109,36 @@ def save_loss_curve(path, steps, losses, lrs):
         _text(draw, (width - RIGHT, TOP - 8), f"step {steps[-1]:g}: EMA loss {smooth[-1]:.4g}", "rb")
         _text(draw, (LEFT, lr_box[1] - 6), "learning rate", "lb", LR)
         _text(draw, (width - RIGHT, lr_box[1] - 6), f"step {steps[-1]:g}: {lrs[-1]:.3g}", "rb", LR)
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def save_score_plot(path, rows, best, metric):
+    """Scores vs step: concept, the mean edit score and each edited prompt's (faint), the best step marked."""
+    rows = sorted(rows, key=lambda row: row["step"])
+    steps = [row["step"] for row in rows]
+    concept, edit = [row["concept"] for row in rows], [row["edit"] for row in rows]
+    prompts = [[row.get(key) for row in rows] for key in dict.fromkeys(k for row in rows for k in row)
+               if key.startswith("edit: ")]
+    # one prompt's line is the mean's; a prompt some rows lack (changed on resume) is not drawn, the mean is
+    prompts = [values for values in prompts if None not in values] if len(prompts) > 1 else []
+    width, height = PLOT_SIZE
+    img = Image.new("RGB", PLOT_SIZE, "white")
+    draw = ImageDraw.Draw(img)
+    box = (LEFT, TOP, width - RIGHT, height - BOTTOM)
+    x_ticks = nice_ticks(0, max(steps), 6, integer=True)
+    values = concept + edit + [v for values in prompts for v in values]
+    _panel(draw, box, steps, x_ticks, nice_ticks(min(values), max(values)),
+           [(values, EDIT_FAINT, 1) for values in prompts] + [(edit, LR, 2), (concept, SMOOTH, 2)])
+    x = _pixels(best["step"], x_ticks, box[0], box[2])
+    draw.line([(x, box[1]), (x, box[3])], fill=BEST, width=2)
+    for tick, label in zip(x_ticks, tick_labels(x_ticks)):
+        _text(draw, (_pixels(tick, x_ticks, box[0], box[2]), box[3] + 5), label, "mt")
+    _text(draw, ((box[0] + box[2]) / 2, height - 6), "step", "mb")
+    _text(draw, (LEFT, TOP - 8), f"{metric}: concept", "lb", SMOOTH)
+    _text(draw, (LEFT + draw.textlength(f"{metric}: concept") + 16, TOP - 8),
+          f"edit (the mean of {len(prompts)} prompts, each faint)" if prompts else "edit", "lb", LR)
+    _text(draw, (width - RIGHT, TOP - 8), f"best: step {best['step']}", "rb", BEST)
     with atomic_write(path) as tmp:
         img.save(tmp, format="PNG")
 
