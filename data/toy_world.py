@@ -208,6 +208,15 @@ def full_caption(shape, fg, bg=None):
     return f"a photo of a {fg} {shape}" + (f" on a {bg} background" if bg else "")
 
 
+def object_scenes(shape, fg, n, seed):
+    """n scenes of one (shape, foreground colour) for Textual Inversion: every other colour as the background once
+    (then random repeats), so that the concept is the shape and its colour, not a background."""
+    rng = random.Random(seed)
+    bgs = [b for b in COLORS if b != fg]
+    bgs += [rng.choice(bgs) for _ in range(max(0, n - len(bgs)))]
+    return [random_scene(rng, [(shape, fg, bg)]) for bg in bgs[:n]]
+
+
 def generate(n, seed, combos=None, style=""):
     """n (image, scene, caption) triples, the same for the same seed."""
     rng = random.Random(seed)

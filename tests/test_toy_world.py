@@ -134,3 +134,16 @@ def test_shipped_style_examples_judge_as_outlined():
     assert 6 <= len(v) <= 8
     assert all(x.style == tw.STYLE for x in v)
     assert {x.shape for x in v} == set(tw.SHAPES)
+
+
+def test_object_scenes_put_one_concept_on_every_background():
+    scenes = tw.object_scenes("circle", "red", 8, seed=5)
+    assert {(s.shape, s.fg) for s in scenes} == {("circle", "red")}
+    # every other colour once, then a repeat
+    assert {s.bg for s in scenes[:7]} == set(tw.COLORS) - {"red"} and scenes[7].bg != "red"
+    assert tw.object_scenes("circle", "red", 8, seed=5) == scenes
+    # the shipped purple stars are the generator's (tools/dev/make_toy_dataset.py, seed 100)
+    shipped = sorted(os.listdir(os.path.join(EXAMPLES, "purple_star")))
+    for name, scene in zip(shipped, tw.object_scenes(*tw.PURPLE_STAR, 8, seed=100)):
+        image = np.asarray(Image.open(os.path.join(EXAMPLES, "purple_star", name)).convert("RGB"))
+        assert name.endswith(f"_purple_star_on_{scene.bg}.png") and np.array_equal(image, tw.render(scene))

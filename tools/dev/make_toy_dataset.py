@@ -20,12 +20,7 @@ N_IMAGES = 8
 
 
 def purple_star_scenes(seed=100):
-    rng = random.Random(seed)
-    shape, fg = tw.PURPLE_STAR
-    # Every background once (plus one repeat) so the concept is the star, not a background.
-    bgs = [b for b in tw.COLORS if b != fg]
-    bgs += [rng.choice(bgs)]
-    return [tw.random_scene(rng, [(shape, fg, bg)]) for bg in bgs[:N_IMAGES]]
+    return tw.object_scenes(*tw.PURPLE_STAR, N_IMAGES, seed)
 
 
 def style_scenes(seed=200):

@@ -23,8 +23,8 @@ from tools import ROOT
 
 README = os.path.join(ROOT, "README.md")
 # the tools users run, in the README's order
-USER_TOOLS = ("convert_embedding", "inspect_checkpoint", "evaluate_ti", "check_full_size", "benchmark_train_step",
-              "benchmark_sampling", "benchmark_ops")
+USER_TOOLS = ("convert_embedding", "inspect_checkpoint", "evaluate_ti", "editability_study", "check_full_size",
+              "benchmark_train_step", "benchmark_sampling", "benchmark_ops")
 BLOCK = re.compile(r"^<!-- generated: (\S+) -->\n.*?^<!-- end generated -->$", re.S | re.M)
 
 
