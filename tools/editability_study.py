@@ -25,6 +25,7 @@ from PIL import Image
 
 import train_textual_inversion as T
 from data.toy_world import COLORS, PURPLE_STAR, SHAPES, judge, object_scenes, render
+from ldm.errors import USER_ERRORS
 from ldm.scoring import JudgeScorer, best_row, read_metrics, share
 from ldm.training.config import parse_train_config
 from tools.evaluate_ti import evaluate_run, sample
@@ -56,23 +57,34 @@ def main(argv=None):
     # judging samples in graph mode, as training does
     ms.set_context(mode=ms.GRAPH_MODE)
     overrides = [arg for kv in args.set for arg in (f"--{kv.partition('=')[0]}", kv.partition("=")[2])]
-    can_draw = (lambda concept: (1.0, 1.0)) if args.all_concepts else words_judge(args, overrides)
+    try:
+        rows = study(args, overrides)
+    except USER_ERRORS as err:
+        p.exit(2, f"error: {err}\n")
+    return 0 if all(meets(row) for row in rows) else 1
+
+
+def study(args, overrides):
+    """The table's rows, one per concept and TI seed, printed as they come."""
     rows = []
-    for (shape, fg, bg), words in draw_concepts(args.concepts, args.seed, can_draw):
+    for (shape, fg, bg), words in draw_concepts(args.concepts, args.seed,
+                                                None if args.all_concepts else words_judge(args, overrides)):
         images = write_images(os.path.join(args.out, "data", f"{fg}_{shape}"), shape, fg, args.seed)
         for ti_seed in range(args.ti_seeds):
             run = os.path.join(args.out, f"{fg}_{shape}_seed{ti_seed}")
             train(args.train_config, images, run, ti_seed, bg, overrides)
-            rows.append(judge_best(run, ti_seed, args.n) | {"concept": f"{fg} {shape}", "edit bg": bg, "words": words})
+            row = {"concept": f"{fg} {shape}", "edit bg": bg, "words": words}
+            rows.append(row | judge_best(run, ti_seed, args.n))
             print_table(rows, args)
-    return 0 if all(meets(row) for row in rows) else 1
+    return rows
 
 
-def draw_concepts(n, seed, can_draw):
-    """n ((shape, colour, edit background), shares with words) drawn at random, no (shape, colour) twice, no purple star, and
-    only those the base model draws with their own words as well as the targets ask of the learned word:
-    `can_draw(triple)` gives the shares (concept, edited) of the words' samples. Textual Inversion finds a word
-    for what the frozen model can draw; the tiny model draws some scenes in the wrong colours even when told."""
+def draw_concepts(n, seed, can_draw=None):
+    """n ((shape, colour, edit background), words' shares) drawn at random, no (shape, colour) twice, no purple
+    star, and only those the base model draws with their own words as well as the targets ask of the learned word:
+    `can_draw(triple)` gives the shares (concept, edited) of the words' samples (None: every triple, no shares).
+    Textual Inversion finds a word for what the frozen model can draw; the tiny model draws some scenes in the
+    wrong colours even when told."""
     rng = random.Random(seed)
     triples = [(s, c, b) for s in SHAPES for c in COLORS for b in COLORS if b != c and (s, c) != PURPLE_STAR]
     rng.shuffle(triples)
@@ -81,6 +93,9 @@ def draw_concepts(n, seed, can_draw):
         if len(drawn) == n:
             break
         if (shape, fg) in {(s, c) for (s, c, _), _ in drawn}:
+            continue
+        if can_draw is None:
+            drawn.append(((shape, fg, bg), None))
             continue
         words = can_draw((shape, fg, bg))
         ok = words[0] >= TARGETS["concept"][1] and words[1] >= TARGETS["edited"][1]
@@ -143,13 +158,14 @@ def meets(row):
 
 def print_table(rows, args):
     print(f"\neditability study: {args.train_config} {' '.join(args.set)} ({args.n} samples per prompt)")
-    print("| concept | edit background | TI seed | best step | concept (words) | initializer | edited (words) | targets |")
+    print("| concept | edit background | TI seed | best step | concept (words) | initializer | edited (words) "
+          "| targets |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for row in rows:
-        words = row["words"]
+        words = [f"{w:.0%}" for w in row["words"]] if row["words"] else ["-", "-"]
         print(f"| {row['concept']} | {row['edit bg']} | {row['TI seed']} | {row['best step']} | "
-              f"{row['concept share']:.0%} ({words[0]:.0%}) | {row['initializer']:.0%} | {row['edited']:.0%} "
-              f"({words[1]:.0%}) | {'met' if meets(row) else 'missed'} |", flush=True)
+              f"{row['concept share']:.0%} ({words[0]}) | {row['initializer']:.0%} | {row['edited']:.0%} "
+              f"({words[1]}) | {'met' if meets(row) else 'missed'} |", flush=True)
 
 
 if __name__ == "__main__":
