@@ -11,7 +11,6 @@ and still purple stars on the background the edited prompt names.
   "drawing", which the base model never read; it knows the style only under other words.
 """
 
-import argparse
 import os
 
 import mindspore as ms
@@ -19,7 +18,7 @@ import mindspore as ms
 import train_textual_inversion as T
 from ldm.embeddings import load_embedding
 from ldm.training.config import load_yaml
-from tools.evaluate_ti import evaluate_run
+from tools.evaluate_ti import build_parser, evaluate_run
 
 
 def _train_and_judge(yaml, out, concept):
@@ -28,8 +27,7 @@ def _train_and_judge(yaml, out, concept):
     assert T.main(["--train_config", yaml, "--output_path", str(out), "--validation_prompt", "none"]) == 0
     path = os.path.join(out, "weights", f"SDvtiny_textual_inversion_{load_yaml(yaml)['max_steps']}_ti.ckpt")
     assert load_embedding(path).vectors.shape == (1, 64)
-    args = argparse.Namespace(ti_ckpt_path=[path], metric="judge", concept=concept, clip_model=None, prompt=None,
-                              edit_prompts=None, n=16, seed=1000, batch=8, steps=20)
+    args = build_parser().parse_args([str(out), "--ti_ckpt_path", path, "--concept", concept, "--n", "16"])
     (initial, learned), _ = evaluate_run(str(out), args)
     return initial, learned
 

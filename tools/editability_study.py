@@ -28,7 +28,7 @@ from data.toy_world import COLORS, PURPLE_STAR, SHAPES, judge, object_scenes, re
 from ldm.errors import USER_ERRORS
 from ldm.scoring import JudgeScorer, best_row, read_metrics, share
 from ldm.training.config import parse_train_config
-from tools.evaluate_ti import evaluate_run, sample
+from tools.evaluate_ti import build_parser, evaluate_run, sample
 
 TARGETS = {"concept": (">=", 0.8), "initializer": ("<=", 0.2), "edited": (">=", 0.7)}
 N_IMAGES = 8
@@ -143,9 +143,8 @@ def train(config, images, run, ti_seed, bg, overrides):
 def judge_best(run, ti_seed, n):
     """The best-by-rule checkpoint of a run judged on n new samples per prompt: the table's row."""
     best = best_row(read_metrics(os.path.join(run, "metrics.csv")).values(), JudgeScorer.margin)
-    args = argparse.Namespace(ti_ckpt_path=[os.path.join(run, "weights", best["checkpoint"])], metric="judge",
-                              concept="object", clip_model=None, prompt=None, edit_prompts=None, n=n, seed=1000,
-                              batch=8, steps=20)
+    args = build_parser().parse_args([run, "--ti_ckpt_path", os.path.join(run, "weights", best["checkpoint"]),
+                                      "--concept", "object", "--n", str(n)])
     start, learned = evaluate_run(run, args)[0]
     return {"TI seed": ti_seed, "best step": best["step"], "concept share": learned["concept"],
             "initializer": start["concept"], "edited": learned["edit"]}

@@ -36,7 +36,8 @@ CONCEPT_PROMPTS = {"object": "a photo of {}", "style": "a painting in the style 
 STEP = re.compile(r"_(\d+)_ti\.ckpt$")
 
 
-def main(argv=None):
+def build_parser():
+    """The command line; `build_parser().parse_args([...])` is also how other code asks for an evaluation."""
     p = argparse.ArgumentParser(prog="python -m tools.evaluate_ti", description=__doc__.split("\n")[0])
     p.add_argument("output_dir", nargs="?", help="a training run's output_path (default: the run --ti_ckpt_path is in)")
     p.add_argument("--ti_ckpt_path", action="append", help="score only this saved embedding (repeatable)")
@@ -55,6 +56,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="samples per sampler call")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (DPM-Solver++, as validation samples)")
     p.add_argument("--out", help="folder for metrics.csv and scores.png (default: OUTPUT_DIR/evaluation)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if not (args.output_dir or args.ti_ckpt_path):
         p.error("pass a training run's output folder or --ti_ckpt_path")
