@@ -10,6 +10,29 @@ import pytest  # noqa: E402
 
 ms.set_device("CPU")
 
+# pytest.ini runs the suite on two pytest-xdist workers, each taking whole groups. Most of a test's time is
+# MindSpore compiling graphs, which uses one core, and a group's tests share what its worker compiled:
+# a module's fixtures, and the training runs' graphs through `shared_graphs`. A module is a group, except
+# the tools' tests, which train on the tiny SD1 fixture as test_train does.
+GROUPS = {"test_evaluate_ti": "test_train", "test_editability_study": "test_train"}
+# The groups that take longest start first so that both workers finish at about the same time
+# (serial seconds on a 2-core Xeon, `pytest --durations=0`: 290, 260, 180, 80, 70, 67).
+LONGEST_FIRST = ("test_train", "test_toy_learning", "test_sdxl_pipeline", "test_text_to_image",
+                 "test_reference_models", "test_parallel")
+
+
+def _group(item):
+    module = os.path.splitext(os.path.basename(item.nodeid.split("::")[0]))[0]
+    return GROUPS.get(module, module)
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the marks
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))
+
 
 def _mode(mode):
     previous = ms.get_context("mode")
@@ -38,7 +61,13 @@ def _loaded():
 
 @pytest.fixture
 def shared_graphs(_loaded, monkeypatch):
-    """The test's `StableDiffusion.load` calls and training runs reuse the session's cells and compiled graphs.
+    """The test's `StableDiffusion.load` calls and training runs reuse the session's cells and compiled graphs
+    (see `share_graphs`)."""
+    share_graphs(_loaded, monkeypatch)
+
+
+def share_graphs(loaded, monkeypatch):
+    """Makes `StableDiffusion.load` and the trainer's loss and gradient reuse the session's cells and graphs.
 
     MindSpore compiles a graph per cell and per `value_and_grad` call (tens of seconds each for the tiny UNets),
     so every train_textual_inversion.main() run would compile the same training graph again. Here each load with
@@ -55,18 +84,22 @@ def shared_graphs(_loaded, monkeypatch):
 
     real_load, real_loss, real_value_and_grad = StableDiffusion.load, train_textual_inversion.TextualInversionLoss, \
         ms.value_and_grad
-    models, losses, grads = _loaded["models"], _loaded["losses"], _loaded["grads"]
+    models, losses, grads = loaded["models"], loaded["losses"], loaded["grads"]
 
     def load(version, weights=None, model_config=None, dtype="fp32", clip_skip=1, use_ema=False):
-        key = (version, weights, model_config, dtype, clip_skip, use_ema)
+        # the trainer names a folder with a trailing separator
+        key = (version, weights and os.path.normpath(weights), model_config, dtype, clip_skip, use_ema)
         if key not in models:
             models[key] = real_load(version, weights, model_config, dtype, clip_skip, use_ema)
         base = models[key]
-        return StableDiffusion(base.config, base.unet, base.vae, base.text_encoder, copy.deepcopy(base.tokenizer),
-                               name=base.name, scheduler_settings=base.scheduler_settings,
-                               text_encoder_2=base.text_encoders[1] if base.is_xl else None,
-                               tokenizer_2=copy.deepcopy(base.tokenizers[1]) if base.is_xl else None,
-                               force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt)
+        sd = StableDiffusion(base.config, base.unet, base.vae, base.text_encoder, copy.deepcopy(base.tokenizer),
+                             name=base.name, scheduler_settings=base.scheduler_settings,
+                             text_encoder_2=base.text_encoders[1] if base.is_xl else None,
+                             tokenizer_2=copy.deepcopy(base.tokenizers[1]) if base.is_xl else None,
+                             force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt)
+        # the graph-mode entry cells too (stateless: the vectors are an input), with their compiled graphs
+        sd.conditioner, sd._encode, sd._decode = base.conditioner, base._encode, base._decode
+        return sd
 
     def loss(unet, conditioner, alphas_cumprod, parameterization):
         key = (id(unet), tuple(id(te) for te in conditioner.text_encoders), parameterization,

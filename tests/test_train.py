@@ -5,6 +5,7 @@ barely depends on the text. Here: the gradient, that nothing but the vectors mov
 outputs, resume, and every bad input.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from ldm.training.config import ConfigError
 from ldm.training.figures import PLOT_SIZE, save_captioned_grid, save_loss_curve
 from ldm.training.loss import TextualInversionLoss
 from ldm.training.optim import Adam
+from tests.conftest import share_graphs
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "examples", "purple_star")
@@ -41,10 +43,19 @@ def run(tmp_path, *extra, output="out"):
     return T.main(argv)
 
 
+@contextlib.contextmanager
+def session_graphs(loaded):
+    """`shared_graphs` for a module fixture, while it builds."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        share_graphs(loaded, monkeypatch)
+        yield
+
+
 @pytest.fixture(scope="module")
-def sd():
+def sd(_loaded):
     ms.set_context(mode=ms.GRAPH_MODE)
-    model = StableDiffusion.load("1.5", FIXTURE)
+    with session_graphs(_loaded):
+        model = StableDiffusion.load("1.5", FIXTURE)
     model.add_placeholder("<t>", np.random.default_rng(0).standard_normal((2, model.embedding_dim)).astype(np.float32)
                           * 0.02)
     return model
@@ -53,17 +64,21 @@ def sd():
 @pytest.fixture(scope="module")
 def batch(sd):
     rng = np.random.default_rng(1)
-    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
-    noise = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    # the shapes and arguments of the runs' micro-batches (64 px images, batch 2, no SDXL size ids)
+    size = 64 // sd.latent_factor
+    latents = rng.standard_normal((2, 4, size, size)).astype(np.float32)
+    noise = rng.standard_normal((2, 4, size, size)).astype(np.float32)
     ids = sd.token_ids(["a photo of <t>", "a <t> on a blue background"])
     return [ms.Tensor(latents), ms.Tensor(ids), ms.Tensor(noise), ms.Tensor(np.array([50, 700], np.int32)),
-            ms.Tensor(1.0, ms.float32)]
+            ms.Tensor(1.0, ms.float32), None]
 
 
 @pytest.fixture(scope="module")
-def grad_fn(sd):
-    loss = TextualInversionLoss(sd.unet, sd.conditioner, sd.alphas_cumprod, "eps")
-    return ms.value_and_grad(loss, grad_position=0)
+def grad_fn(sd, _loaded):
+    """The gradient, compiled once, of the 2-vector batch-2 training runs below."""
+    with session_graphs(_loaded):
+        loss = T.TextualInversionLoss(sd.unet, sd.conditioner, sd.alphas_cumprod, "eps")
+        return ms.value_and_grad(loss, grad_position=0)
 
 
 def test_gradient_matches_finite_differences(sd, batch, grad_fn):
