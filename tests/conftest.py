@@ -13,12 +13,12 @@ ms.set_device("CPU")
 # pytest.ini runs the suite on two pytest-xdist workers, each taking whole groups. Most of a test's time is
 # MindSpore compiling graphs, which uses one core, and a group's tests share what its worker compiled:
 # a module's fixtures, and the training runs' graphs through `shared_graphs`. A module is a group, except
-# the tools' tests, which train on the tiny SD1 fixture as test_train does.
-GROUPS = {"test_evaluate_ti": "test_train", "test_editability_study": "test_train"}
-# The groups that take longest start first so that both workers finish at about the same time
-# (serial seconds on a 2-core Xeon, `pytest --durations=0`: 290, 260, 180, 80, 70, 67).
+# those that train on the tiny SD1 fixture as test_train does.
+GROUPS = {"test_evaluate_ti": "test_train", "test_editability_study": "test_train", "test_parallel": "test_train"}
+# The groups that take longest start first so that both workers finish at about the same time (`pytest
+# --durations=0`, summed per group).
 LONGEST_FIRST = ("test_train", "test_toy_learning", "test_sdxl_pipeline", "test_text_to_image",
-                 "test_reference_models", "test_parallel")
+                 "test_reference_models")
 
 
 def _group(item):

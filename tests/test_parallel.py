@@ -18,8 +18,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_workers_equal_one_process(tmp_path):
-    steps = ["--max_steps", "2", "--gradient_accumulation_steps", "2"]
+def test_two_workers_equal_one_process(tmp_path, shared_graphs):
+    # 2 vectors: the one-process run is then test_train's runs' compiled gradient (shared_graphs)
+    steps = ["--max_steps", "2", "--gradient_accumulation_steps", "2", "--num_vectors", "2"]
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
            f"--log_dir={tmp_path / 'logs'}", "--join=True", "python", "train_textual_inversion.py",
            "--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
