@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -64,6 +65,14 @@ def shared_graphs(_loaded, monkeypatch):
     """The test's `StableDiffusion.load` calls and training runs reuse the session's cells and compiled graphs
     (see `share_graphs`)."""
     share_graphs(_loaded, monkeypatch)
+
+
+@contextlib.contextmanager
+def session_graphs(loaded):
+    """`shared_graphs` for a module fixture, while it builds (`loaded`: the `_loaded` fixture)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        share_graphs(loaded, monkeypatch)
+        yield
 
 
 def share_graphs(loaded, monkeypatch):

@@ -9,7 +9,7 @@ from tools import editability_study
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
 FAST = ["pretrained_model_path=" + FIXTURE, "model_config=none", "version=1.5", "image_size=64", "max_steps=2",
-        "validation_steps=1", "num_validation_images=2", "ckpt_save_interval=2"]
+        "validation_steps=1", "num_validation_images=1", "ckpt_save_interval=2"]
 
 
 def test_a_concept_is_drawn_trained_and_its_best_step_judged(tmp_path, capsys, shared_graphs):

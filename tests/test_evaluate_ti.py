@@ -10,6 +10,7 @@ import train_textual_inversion as T
 from ldm import pipeline
 from ldm.scoring import best_row, read_metrics
 from ldm.training.figures import PLOT_SIZE
+from tests.conftest import session_graphs
 from tools import evaluate_ti
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
@@ -18,11 +19,12 @@ EDIT = "a <my-shape> on a yellow background"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, _loaded):
     out = tmp_path_factory.mktemp("evaluate") / "run"
-    assert T.main(["--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
-                   "--version", "1.5", "--image_size", "64", "--validation_prompt", "none", "--max_steps", "2",
-                   "--ckpt_save_interval", "1", "--output_path", str(out)]) == 0
+    with session_graphs(_loaded):
+        assert T.main(["--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
+                       "--version", "1.5", "--image_size", "64", "--validation_prompt", "none", "--max_steps", "2",
+                       "--ckpt_save_interval", "1", "--output_path", str(out)]) == 0
     return out
 
 

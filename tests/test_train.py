@@ -5,7 +5,6 @@ barely depends on the text. Here: the gradient, that nothing but the vectors mov
 outputs, resume, and every bad input.
 """
 
-import contextlib
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ from ldm.training.config import ConfigError
 from ldm.training.figures import PLOT_SIZE, save_captioned_grid, save_loss_curve
 from ldm.training.loss import TextualInversionLoss
 from ldm.training.optim import Adam
-from tests.conftest import share_graphs
+from tests.conftest import session_graphs
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "examples", "purple_star")
@@ -41,14 +40,6 @@ def run(tmp_path, *extra, output="out"):
             "--version", "1.5", "--image_size", "64", "--validation_prompt", "none", "--mode", "0",
             "--output_path", str(tmp_path / output), *extra]
     return T.main(argv)
-
-
-@contextlib.contextmanager
-def session_graphs(loaded):
-    """`shared_graphs` for a module fixture, while it builds."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        share_graphs(loaded, monkeypatch)
-        yield
 
 
 @pytest.fixture(scope="module")
