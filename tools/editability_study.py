@@ -112,12 +112,14 @@ def words_judge(args, overrides):
     cfg = parse_train_config(["--train_config", args.train_config, "--train_data_dir", ".", "--placeholder_token",
                               TOKEN, *overrides])
     sd = T.load_models(cfg)[0]
+    # the seeds the learned word is judged on (evaluate_ti's)
+    seed = build_parser().get_default("seed")
 
     def can_draw(triple):
         shape, fg, bg = triple
-        concept = [judge(image) for image in sample(sd, f"a photo of a {fg} {shape}", args.n, cfg.image_size, 1000)]
+        concept = [judge(image) for image in sample(sd, f"a photo of a {fg} {shape}", args.n, cfg.image_size, seed)]
         edited = [judge(image) for image in
-                  sample(sd, f"a {fg} {shape} on a {bg} background", args.n, cfg.image_size, 1000)]
+                  sample(sd, f"a {fg} {shape} on a {bg} background", args.n, cfg.image_size, seed)]
         return share(concept, shape=shape, fg=fg), share(edited, shape=shape, fg=fg, bg=bg)
 
     return can_draw
