@@ -68,6 +68,7 @@ def batch(sd):
 def grad_fn(sd, _loaded):
     """The gradient, compiled once, of the 2-vector batch-2 training runs below."""
     with session_graphs(_loaded):
+        # through the trainer's name, which share_graphs replaces with the session's loss
         loss = T.TextualInversionLoss(sd.unet, sd.conditioner, sd.alphas_cumprod, "eps")
         return ms.value_and_grad(loss, grad_position=0)
 
