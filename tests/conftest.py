@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import os
 import sys
 
@@ -75,6 +76,21 @@ def session_graphs(loaded):
         yield
 
 
+def fresh_copy(base):
+    """A StableDiffusion on `base`'s cells and compiled graphs, with its own tokenizer copies and no placeholders,
+    as a real load gives."""
+    from ldm.pipeline import StableDiffusion
+
+    sd = StableDiffusion(base.config, base.unet, base.vae, base.text_encoder, copy.deepcopy(base.tokenizer),
+                         name=base.name, scheduler_settings=base.scheduler_settings,
+                         text_encoder_2=base.text_encoders[1] if base.is_xl else None,
+                         tokenizer_2=copy.deepcopy(base.tokenizers[1]) if base.is_xl else None,
+                         force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt)
+    # the graph-mode entry cells too (stateless: the vectors are an input), with their compiled graphs
+    sd.conditioner, sd._encode, sd._decode = base.conditioner, base._encode, base._decode
+    return sd
+
+
 def share_graphs(loaded, monkeypatch):
     """Makes `StableDiffusion.load` and the trainer's loss and gradient reuse the session's cells and graphs.
 
@@ -85,8 +101,6 @@ def share_graphs(loaded, monkeypatch):
     one cell, and its gradient one compiled function. Weights are frozen and the placeholder vectors are the loss's
     input, so a run computes what it would on freshly loaded cells.
     """
-    import copy
-
     import train_textual_inversion
     from ldm.modules.openaimodel import UNetModel
     from ldm.pipeline import StableDiffusion
@@ -100,15 +114,7 @@ def share_graphs(loaded, monkeypatch):
         key = (version, weights and os.path.normpath(weights), model_config, dtype, clip_skip, use_ema)
         if key not in models:
             models[key] = real_load(version, weights, model_config, dtype, clip_skip, use_ema)
-        base = models[key]
-        sd = StableDiffusion(base.config, base.unet, base.vae, base.text_encoder, copy.deepcopy(base.tokenizer),
-                             name=base.name, scheduler_settings=base.scheduler_settings,
-                             text_encoder_2=base.text_encoders[1] if base.is_xl else None,
-                             tokenizer_2=copy.deepcopy(base.tokenizers[1]) if base.is_xl else None,
-                             force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt)
-        # the graph-mode entry cells too (stateless: the vectors are an input), with their compiled graphs
-        sd.conditioner, sd._encode, sd._decode = base.conditioner, base._encode, base._decode
-        return sd
+        return fresh_copy(models[key])
 
     def loss(unet, conditioner, alphas_cumprod, parameterization):
         key = (id(unet), tuple(id(te) for te in conditioner.text_encoders), parameterization,

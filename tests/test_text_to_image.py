@@ -20,7 +20,7 @@ import text_to_image
 from ldm.embeddings import load_embedding, save_a1111_safetensors, save_diffusers, save_ti_ckpt
 from ldm.errors import UserInputError
 from ldm.pipeline import StableDiffusion, initial_latents
-from ldm.tokenizer import load_tokenizer
+from tests.conftest import fresh_copy
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TINY_SD1 = os.path.join(FIXTURES, "tiny-sd1")
@@ -60,16 +60,13 @@ def cli(models, monkeypatch):
     """text_to_image.main, with `StableDiffusion.load` handing out the module's already compiled cells.
 
     Each call still gets its own StableDiffusion with a fresh tokenizer and no placeholders, as a real
-    load gives; the loads are recorded as `(args, instance)` so tests can inspect what main() built.
+    load gives (`fresh_copy`); the loads are recorded as `(args, instance)` so tests can inspect what main() built.
     """
     loads = []
 
     def load(version, weights=None, model_config=None, dtype="fp32", clip_skip=1, use_ema=False):
         assert clip_skip == 1, "the shared text encoder is compiled without clip skip"
-        base = models(weights)
-        sd = StableDiffusion(base.config, base.unet, base.vae, base.text_encoder,
-                             load_tokenizer(pad_token=base.config.text_encoder.pad_token), name=base.name,
-                             scheduler_settings=base.scheduler_settings)
+        sd = fresh_copy(models(weights))
         loads.append(((version, weights, model_config, dtype, use_ema), sd))
         return sd
 
