@@ -15,7 +15,7 @@ FAST = ["pretrained_model_path=" + FIXTURE, "model_config=none", "version=1.5", 
 def test_a_concept_is_drawn_trained_and_its_best_step_judged(tmp_path, capsys, shared_graphs):
     out = tmp_path / "study"
     # a random model draws no concept with its words: every concept may be drawn
-    argv = ["--concepts", "1", "--ti_seeds", "1", "--n", "2", "--seed", "3", "--out", str(out), "--all_concepts"]
+    argv = ["--concepts", "1", "--ti_seeds", "1", "--n", "1", "--seed", "3", "--out", str(out), "--all_concepts"]
     code = editability_study.main(argv + [arg for kv in FAST for arg in ("--set", kv)])
     ((shape, fg, bg), words), = editability_study.draw_concepts(1, 3)
     assert words is None
