@@ -12,7 +12,7 @@ import text_to_image
 import train_textual_inversion as T
 from ldm.embeddings import EmbeddingError, check_fits, load_embedding
 from ldm.pipeline import StableDiffusion
-from ldm.training.loss import TextualInversionLoss
+from tests.conftest import session_graphs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -57,32 +57,39 @@ def test_default_size_ids_are_diffusers(sd, ref):
     np.testing.assert_array_equal(sd.size_ids(2, 64, 64), np.tile(ref["plain.time_ids"], (2, 1)))
 
 
-def test_gradient_of_both_vector_sets_matches_finite_differences(sd):
-    rng = np.random.default_rng(0)
-    latents, noise = rng.standard_normal((2, 2, 4, 8, 8), dtype=np.float32)
-    ids = sd.token_ids(["a photo of <cat-toy>", "a <cat-toy> on a table"])
-    assert ids.shape == (2, 2, 77)
-    args = [ms.Tensor(latents), ms.Tensor(ids), ms.Tensor(noise), ms.Tensor(np.array([50, 700], np.int32)),
-            ms.Tensor(1.0, ms.float32), ms.Tensor(sd.size_ids(2, 64, 64))]
-    loss = TextualInversionLoss(sd.unet, sd.conditioner, sd.alphas_cumprod, "eps")
-    grad_fn = ms.value_and_grad(loss, 0)
-    vectors = sd.extra_embeddings.copy()
-    _, grad = grad_fn(ms.Tensor(vectors), *args)
-    grad = grad.asnumpy()
-    width = sd.embedding_dims[0]
-    for columns in (slice(0, width), slice(width, None)):   # CLIP ViT-L's set, then bigG's
-        # along the set's own gradient: the steepest direction keeps the float32 loss difference well
-        # above its rounding
-        direction = np.zeros_like(vectors)
-        direction[:, columns] = grad[:, columns]
-        direction /= np.linalg.norm(direction)
-        h = 1e-2
-        # PyNative: the loss alone, without the backward pass
-        plus = float(loss(ms.Tensor(vectors + h * direction), *args).asnumpy())
-        minus = float(loss(ms.Tensor(vectors - h * direction), *args).asnumpy())
-        analytic = float(np.sum(grad * direction))
-        assert abs(analytic) > 1e-6
-        assert (plus - minus) / (2 * h) == pytest.approx(analytic, rel=2e-2, abs=1e-7)
+def test_gradient_of_both_vector_sets_matches_finite_differences(ref, _loaded):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        # loaded and differentiated as the training run below does, on its inputs' shapes (batch 1, 2 vectors,
+        # 64 px), so that both use one compiled gradient
+        with session_graphs(_loaded):
+            sd = StableDiffusion.load("xl", TINY_SDXL)
+            loss = T.TextualInversionLoss(sd.unet, sd.conditioner, sd.alphas_cumprod, "eps")
+            grad_fn = ms.value_and_grad(loss, grad_position=0)
+        sd.add_placeholder(str(ref["ti.token"]), np.concatenate([ref["ti.vectors_l"], ref["ti.vectors_g"]], 1))
+        latents, noise = np.random.default_rng(0).standard_normal((2, 1, 4, 8, 8), dtype=np.float32)
+        ids = sd.token_ids(["a photo of <cat-toy>"])
+        assert ids.shape == (1, 2, 77)
+        args = [ms.Tensor(latents), ms.Tensor(ids), ms.Tensor(noise), ms.Tensor(np.array([700], np.int32)),
+                ms.Tensor(1.0, ms.float32), ms.Tensor(sd.size_ids(1, 64, 64))]
+        vectors = sd.extra_embeddings.copy()
+        _, grad = grad_fn(ms.Tensor(vectors), *args)
+        grad = grad.asnumpy()
+        width = sd.embedding_dims[0]
+        for columns in (slice(0, width), slice(width, None)):   # CLIP ViT-L's set, then bigG's
+            # along the set's own gradient: the steepest direction keeps the float32 loss difference well
+            # above its rounding
+            direction = np.zeros_like(vectors)
+            direction[:, columns] = grad[:, columns]
+            direction /= np.linalg.norm(direction)
+            h = 1e-2
+            plus = float(grad_fn(ms.Tensor(vectors + h * direction), *args)[0].asnumpy())
+            minus = float(grad_fn(ms.Tensor(vectors - h * direction), *args)[0].asnumpy())
+            analytic = float(np.sum(grad * direction))
+            assert abs(analytic) > 1e-6
+            assert (plus - minus) / (2 * h) == pytest.approx(analytic, rel=2e-2, abs=1e-7)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def test_training_writes_both_formats_that_sampling_reads(tmp_path, shared_graphs):
