@@ -36,7 +36,8 @@ def test_every_saved_embedding_is_scored(run_dir, capsys, monkeypatch, shared_gr
         return pipeline.initial_latents(seed, n, *args, **kwargs)
 
     monkeypatch.setattr(evaluate_ti, "initial_latents", initial_latents)
-    assert evaluate_ti.main([str(run_dir), "--n", "4", "--batch", "2", "--seed", "7", "--steps", "2"]) == 0
+    # batches of 1: the validations' batch in this group, whose compiled sampling graphs these reuse
+    assert evaluate_ti.main([str(run_dir), "--n", "2", "--batch", "1", "--seed", "7", "--steps", "2"]) == 0
     printed = capsys.readouterr().out
     metrics = read_metrics(run_dir / "evaluation" / "metrics.csv")
     # step 0: the vectors training started from, a reference left out of the rule
@@ -55,7 +56,7 @@ def test_every_saved_embedding_is_scored(run_dir, capsys, monkeypatch, shared_gr
 
 def test_one_embedding_the_old_way_and_mistakes(run_dir, tmp_path, capsys, shared_graphs):
     path = run_dir / "weights" / "SDv1.5_textual_inversion_2_ti.ckpt"
-    assert evaluate_ti.main(["--ti_ckpt_path", str(path), "--n", "2", "--batch", "2", "--steps", "2",
+    assert evaluate_ti.main(["--ti_ckpt_path", str(path), "--n", "1", "--steps", "2",
                              "--out", str(tmp_path / "one"), "--edit_prompts", "a {} on a red background",
                              "a red square"]) == 0
     metrics = read_metrics(tmp_path / "one" / "metrics.csv")
