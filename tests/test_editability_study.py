@@ -5,11 +5,14 @@ import os
 import pytest
 
 from ldm.scoring import best_row, read_metrics
+from tests.test_train import RUN_SHAPE
 from tools import editability_study
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
-FAST = ["pretrained_model_path=" + FIXTURE, "model_config=none", "version=1.5", "image_size=64", "max_steps=2",
-        "validation_steps=1", "num_validation_images=1", "ckpt_save_interval=2"]
+# the group's run shape (its compiled training graph), as --set KEY=VALUE
+FAST = [f"{flag[2:]}={value}" for flag, value in zip(RUN_SHAPE[::2], RUN_SHAPE[1::2])] + [
+    "pretrained_model_path=" + FIXTURE, "model_config=none", "version=1.5", "max_steps=2", "validation_steps=1",
+    "num_validation_images=1", "ckpt_save_interval=2"]
 
 
 def test_a_concept_is_drawn_trained_and_its_best_step_judged(tmp_path, capsys, shared_graphs):

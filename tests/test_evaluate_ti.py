@@ -11,6 +11,7 @@ from ldm import pipeline
 from ldm.scoring import best_row, read_metrics
 from ldm.training.figures import PLOT_SIZE
 from tests.conftest import session_graphs
+from tests.test_train import RUN_SHAPE
 from tools import evaluate_ti
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
@@ -23,7 +24,7 @@ def run_dir(tmp_path_factory, _loaded):
     out = tmp_path_factory.mktemp("evaluate") / "run"
     with session_graphs(_loaded):
         assert T.main(["--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
-                       "--version", "1.5", "--image_size", "64", "--validation_prompt", "none", "--max_steps", "2",
+                       "--version", "1.5", *RUN_SHAPE, "--validation_prompt", "none", "--max_steps", "2",
                        "--ckpt_save_interval", "1", "--output_path", str(out)]) == 0
     return out
 

@@ -31,11 +31,14 @@ from tests.conftest import session_graphs
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "examples", "purple_star")
 TINY_YAML = "configs/train/train_config_textual_inversion_tiny.yaml"
+# The runs of this group (test_train, test_evaluate_ti, test_editability_study, test_parallel) train 2 vectors on
+# batches of 2 64 px images: one training graph for all (`grad_fn`), compiled once.
+RUN_SHAPE = ["--image_size", "64", "--num_vectors", "2", "--train_batch_size", "2"]
 
 
 def run(tmp_path, *extra, output="out"):
     argv = ["--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
-            "--version", "1.5", "--image_size", "64", "--validation_prompt", "none", "--mode", "0",
+            "--version", "1.5", *RUN_SHAPE, "--validation_prompt", "none", "--mode", "0",
             "--output_path", str(tmp_path / output), *extra]
     return T.main(argv)
 
@@ -53,7 +56,7 @@ def sd(_loaded):
 @pytest.fixture(scope="module")
 def batch(sd):
     rng = np.random.default_rng(1)
-    # the shapes and arguments of the runs' micro-batches (64 px images, batch 2, no SDXL size ids)
+    # the shapes and arguments of the runs' micro-batches (RUN_SHAPE, no SDXL size ids)
     size = 64 // sd.latent_factor
     latents = rng.standard_normal((2, 4, size, size)).astype(np.float32)
     noise = rng.standard_normal((2, 4, size, size)).astype(np.float32)
@@ -117,9 +120,8 @@ def test_only_the_vectors_change(sd, batch, grad_fn):
 
 
 def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog, shared_graphs):
-    common = ["--num_vectors", "2", "--gradient_accumulation_steps", "2", "--train_batch_size", "2",
-              "--scheduler", "linear", "--start_learning_rate", "5e-3", "--decay_steps", "4",
-              "--ckpt_save_interval", "2", "--log_interval", "3"]
+    common = ["--gradient_accumulation_steps", "2", "--scheduler", "linear", "--start_learning_rate", "5e-3",
+              "--decay_steps", "4", "--ckpt_save_interval", "2", "--log_interval", "3"]
     validation = ["--validation_prompt", "a photo of <my-shape>", "--validation_steps", "4",
                   "--num_validation_images", "1"]
     handlers = [signal.getsignal(sig) for sig in T.STOP_SIGNALS]
