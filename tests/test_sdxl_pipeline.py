@@ -58,6 +58,7 @@ def test_default_size_ids_are_diffusers(sd, ref):
 
 
 def test_gradient_of_both_vector_sets_matches_finite_differences(ref, _loaded):
+    previous = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         # loaded and differentiated as the training run below does, on its inputs' shapes (batch 1, 2 vectors,
@@ -89,7 +90,7 @@ def test_gradient_of_both_vector_sets_matches_finite_differences(ref, _loaded):
             assert abs(analytic) > 1e-6
             assert (plus - minus) / (2 * h) == pytest.approx(analytic, rel=2e-2, abs=1e-7)
     finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
+        ms.set_context(mode=previous)
 
 
 def test_training_writes_both_formats_that_sampling_reads(tmp_path, shared_graphs):
