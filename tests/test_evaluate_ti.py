@@ -1,8 +1,6 @@
 """tools/evaluate_ti.py on a training run's output folder: 2 steps of the tiny demo config on the tiny random SD1
 fixture, an embedding saved at each."""
 
-import os
-
 import pytest
 from PIL import Image
 
@@ -11,11 +9,9 @@ from ldm import pipeline
 from ldm.scoring import best_row, read_metrics
 from ldm.training.figures import PLOT_SIZE
 from tests.conftest import session_graphs
-from tests.test_train import RUN_SHAPE
+from tests.test_train import run_argv
 from tools import evaluate_ti
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
-TINY_YAML = "configs/train/train_config_textual_inversion_tiny.yaml"
 EDIT = "a <my-shape> on a yellow background"
 
 
@@ -23,9 +19,7 @@ EDIT = "a <my-shape> on a yellow background"
 def run_dir(tmp_path_factory, _loaded):
     out = tmp_path_factory.mktemp("evaluate") / "run"
     with session_graphs(_loaded):
-        assert T.main(["--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
-                       "--version", "1.5", *RUN_SHAPE, "--validation_prompt", "none", "--max_steps", "2",
-                       "--ckpt_save_interval", "1", "--output_path", str(out)]) == 0
+        assert T.main(run_argv(out, "--max_steps", "2", "--ckpt_save_interval", "1")) == 0
     return out
 
 

@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 
 from ldm.embeddings import load_embedding
-from tests.test_train import FIXTURE, TINY_YAML, run
+from tests.test_train import run, run_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,13 +19,11 @@ def free_port():
 
 
 def test_two_workers_equal_one_process(tmp_path, shared_graphs):
-    # 2 vectors: the one-process run is then test_train's runs' compiled gradient (shared_graphs)
-    steps = ["--max_steps", "2", "--gradient_accumulation_steps", "2", "--num_vectors", "2"]
+    # the group's runs (the one-process run reuses their compiled gradient); global batch 2 on both sides
+    steps = ["--max_steps", "2", "--gradient_accumulation_steps", "2"]
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
            f"--log_dir={tmp_path / 'logs'}", "--join=True", "python", "train_textual_inversion.py",
-           "--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
-           "--version", "1.5", "--image_size", "64", "--validation_prompt", "none", "--mode", "0", *steps,
-           "--train_batch_size", "1", "--use_parallel", "true", "--output_path", str(tmp_path / "dp")]
+           *run_argv(tmp_path / "dp", *steps, "--train_batch_size", "1", "--use_parallel", "true")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     # only rank 0 writes

@@ -36,11 +36,15 @@ TINY_YAML = "configs/train/train_config_textual_inversion_tiny.yaml"
 RUN_SHAPE = ["--image_size", "64", "--num_vectors", "2", "--train_batch_size", "2"]
 
 
-def run(tmp_path, *extra, output="out"):
-    argv = ["--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
+def run_argv(output_path, *extra):
+    """The trainer's arguments for a run of this group: the tiny demo config on the tiny SD1 fixture."""
+    return ["--train_config", TINY_YAML, "--pretrained_model_path", FIXTURE, "--model_config", "none",
             "--version", "1.5", *RUN_SHAPE, "--validation_prompt", "none", "--mode", "0",
-            "--output_path", str(tmp_path / output), *extra]
-    return T.main(argv)
+            "--output_path", str(output_path), *extra]
+
+
+def run(tmp_path, *extra, output="out"):
+    return T.main(run_argv(tmp_path / output, *extra))
 
 
 @pytest.fixture(scope="module")
