@@ -47,10 +47,13 @@ def _train_and_judge(yaml, out, concept, steps, sampling_steps, edit=False):
         return [sample(sd, p, args.n, cfg.image_size, args.seed, args.batch, args.steps) for p in prompts]
 
     shares = {"initial": scorer.concept(*judge(initial, [prompt]))}
-    concept_images, *edit_images = judge(learned, [prompt] + (cfg.edit_prompts() if edit else []))
-    shares["concept"] = scorer.concept(concept_images)
     if edit:
-        shares["edit"] = scorer.edit(edit_images[0], cfg.edit_prompts()[0])
+        (edit_prompt,) = cfg.edit_prompts()
+        concept_images, edit_images = judge(learned, [prompt, edit_prompt])
+        shares["edit"] = scorer.edit(edit_images, edit_prompt)
+    else:
+        (concept_images,) = judge(learned, [prompt])
+    shares["concept"] = scorer.concept(concept_images)
     return shares
 
 
