@@ -22,7 +22,8 @@ import mindspore as ms
 
 import train_textual_inversion as T
 from ldm.training.config import load_yaml
-from tools.evaluate_ti import CONCEPT_PROMPTS, build_parser, embedding_vectors, run_config, run_scorer, sample
+from tools.evaluate_ti import (build_parser, concept_prompt, embedding_vectors, run_config, run_scorer,
+                               sample_prompts)
 
 
 def _train_and_judge(yaml, out, concept, steps, sampling_steps, edit=False):
@@ -35,25 +36,18 @@ def _train_and_judge(yaml, out, concept, steps, sampling_steps, edit=False):
                    "--max_steps", str(steps)]) == 0
     args = build_parser().parse_args([str(out), "--concept", concept, "--n", "16", "--steps", str(sampling_steps)])
     cfg = run_config(str(out))
-    # evaluate_ti's concept prompt of a run without validation prompts
-    prompt = CONCEPT_PROMPTS[concept].replace("{}", cfg.placeholder_token)
+    prompt = concept_prompt(cfg, args)
     scorer = run_scorer(cfg, args)
     sd, ids, initial = T.load_models(cfg)
     learned = embedding_vectors(sd, os.path.join(out, "weights", f"SDvtiny_textual_inversion_{steps}_ti.ckpt"))
     assert learned.shape == (1, 64)
-
-    def judge(vectors, prompts):
-        sd.set_placeholder_vectors(ids, vectors)
-        return [sample(sd, p, args.n, cfg.image_size, args.seed, args.batch, args.steps) for p in prompts]
-
-    shares = {"initial": scorer.concept(*judge(initial, [prompt]))}
+    shares = {"initial": scorer.concept(sample_prompts(sd, ids, initial, [prompt], cfg.image_size, args)[prompt])}
+    edit_prompts = cfg.edit_prompts() if edit else []
+    samples = sample_prompts(sd, ids, learned, [prompt] + edit_prompts, cfg.image_size, args)
+    shares["concept"] = scorer.concept(samples[prompt])
     if edit:
-        (edit_prompt,) = cfg.edit_prompts()
-        concept_images, edit_images = judge(learned, [prompt, edit_prompt])
-        shares["edit"] = scorer.edit(edit_images, edit_prompt)
-    else:
-        (concept_images,) = judge(learned, [prompt])
-    shares["concept"] = scorer.concept(concept_images)
+        (edit_prompt,) = edit_prompts
+        shares["edit"] = scorer.edit(samples[edit_prompt], edit_prompt)
     return shares
 
 

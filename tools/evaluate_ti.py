@@ -87,7 +87,7 @@ def evaluate_run(output_dir, args):
     checkpoints = [(embedding_step(path), path) for path in paths] if paths else saved_embeddings(output_dir)
     scorer = run_scorer(cfg, args)
     token = cfg.placeholder_token
-    prompt = (args.prompt or cfg.validation_prompt or CONCEPT_PROMPTS[cfg.learnable_property]).replace("{}", token)
+    prompt = concept_prompt(cfg, args)
     edit_prompts = [e.replace("{}", token) for e in args.edit_prompts] if args.edit_prompts else cfg.edit_prompts()
     for edit_prompt in edit_prompts:
         scorer.check_prompt(edit_prompt)
@@ -98,13 +98,24 @@ def evaluate_run(output_dir, args):
     rows = []
     for step, label, vectors in [(0, start_label, start)] + [
             (step, os.path.basename(path), embedding_vectors(sd, path)) for step, path in checkpoints]:
-        sd.set_placeholder_vectors(ids, vectors)
-        samples = {p: sample(sd, p, args.n, cfg.image_size, args.seed, args.batch, args.steps)
-                   for p in [prompt] + edit_prompts}
+        samples = sample_prompts(sd, ids, vectors, [prompt] + edit_prompts, cfg.image_size, args)
         rows.append(score_row(scorer, step, label, samples.pop(prompt), samples))
         print(f"| {step} | {label} | " + " | ".join(f"{v:.3f}" for v in list(rows[-1].values())[2:]) + " |",
               flush=True)
     return rows, scorer
+
+
+def concept_prompt(cfg, args):
+    """The concept prompt, placeholder in: --prompt, else the run's validation_prompt, else its kind's default."""
+    return (args.prompt or cfg.validation_prompt or CONCEPT_PROMPTS[cfg.learnable_property]).replace(
+        "{}", cfg.placeholder_token)
+
+
+def sample_prompts(sd, ids, vectors, prompts, size, args):
+    """`{prompt: samples}` from the placeholder vectors `vectors`, every prompt from the same seeds (--n, --seed,
+    --batch, --steps)."""
+    sd.set_placeholder_vectors(ids, vectors)
+    return {p: sample(sd, p, args.n, size, args.seed, args.batch, args.steps) for p in prompts}
 
 
 def run_scorer(cfg, args):
