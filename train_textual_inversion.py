@@ -314,8 +314,9 @@ def run_name(version):
 
 def load_models(cfg):
     """The frozen SD with the placeholder tokens added, their ids, and the initial vectors `[N, D]`."""
-    weights = os.path.join(cfg.pretrained_model_path, cfg.pretrained_model_file or "") \
-        if cfg.pretrained_model_path else None
+    weights = cfg.pretrained_model_path
+    if weights and cfg.pretrained_model_file:
+        weights = os.path.join(weights, cfg.pretrained_model_file)
     sd = StableDiffusion.load(cfg.version, weights, cfg.model_config, cfg.dtype, clip_skip=cfg.clip_skip,
                               use_ema=cfg.extract_ema)
     if cfg.recompute:

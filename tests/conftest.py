@@ -16,7 +16,7 @@ ms.set_device("CPU")
 # MindSpore compiling graphs, which uses one core, and a group's tests share what its worker compiled:
 # a module's fixtures, and the training runs' graphs through `shared_graphs`. A module is a group, except
 # those that train on the tiny SD1 fixture as test_train does.
-GROUPS = {"test_evaluate_ti": "test_train", "test_editability_study": "test_train", "test_parallel": "test_train"}
+GROUPS = {"test_evaluate_ti": "test_train", "test_editability_study": "test_train"}
 # The groups that take longest start first so that both workers finish at about the same time (`pytest
 # --durations=0`, summed per group).
 LONGEST_FIRST = ("test_toy_learning", "test_train", "test_sdxl_pipeline", "test_reference_models",
@@ -110,7 +110,7 @@ def share_graphs(loaded, monkeypatch):
     models, losses, grads = loaded["models"], loaded["losses"], loaded["grads"]
 
     def load(version, weights=None, model_config=None, dtype="fp32", clip_skip=1, use_ema=False):
-        # the trainer names a folder with a trailing separator
+        # one key for a folder named with or without a trailing separator
         key = (version, weights and os.path.normpath(weights), model_config, dtype, clip_skip, use_ema)
         if key not in models:
             models[key] = real_load(version, weights, model_config, dtype, clip_skip, use_ema)
@@ -138,3 +138,58 @@ def share_graphs(loaded, monkeypatch):
     monkeypatch.setattr(train_textual_inversion, "TextualInversionLoss", loss)
     monkeypatch.setattr(ms, "value_and_grad", value_and_grad)
     monkeypatch.setattr(UNetModel, "enable_gradient_checkpointing", no_recompute)
+
+
+# The tiny demo model's YAML cut to one UNet level, a VAE that halves and a 1-layer CLIP: its training graph
+# compiles in well under half the tiny SD1 fixture's time (docs/development.md)
+MICRO_SD1 = {"unet_config": dict(model_channels=8, attention_resolutions=[1], channel_mult=[1], num_head_channels=4,
+                                 context_dim=8, norm_num_groups=4),
+             "first_stage_config": dict(ch=8, ch_mult=[1, 1], resolution=32, norm_num_groups=4),
+             "cond_stage_config": dict(width=8, layers=1, heads=2, intermediate_size=16)}
+
+
+@pytest.fixture(scope="session")
+def micro_sd1(tmp_path_factory):
+    """`(weights, model YAML)` of a micro SD1 with random weights (no zeros), written as an original single
+    file: for tests of mechanics that compile graphs of their own (msrun's workers)."""
+    import numpy as np
+    import yaml
+
+    from ldm.checkpoint_io import save_safetensors
+    from ldm.convert import OPENAI_PREFIX, ORIGINAL_PREFIXES
+    from ldm.models import build_models, load_model_config
+
+    folder = tmp_path_factory.mktemp("micro-sd1")
+    with open(os.path.join(ROOT, "configs", "tiny-inference.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    for section, values in MICRO_SD1.items():
+        params = config["model"]["params"][section]["params"]
+        (params["ddconfig"] if section == "first_stage_config" else params).update(values)
+    config_path = str(folder / "micro-sd1.yaml")
+    with open(config_path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f)
+    rng = np.random.default_rng(0)
+    state = {}
+    for prefix, cell in zip((ORIGINAL_PREFIXES["unet"], ORIGINAL_PREFIXES["vae"], OPENAI_PREFIX),
+                            build_models(load_model_config(config_path))):
+        # zero-initialised output layers would leave the loss blind to the text
+        state.update({prefix + name: value if value.any() else rng.normal(0, 0.1, value.shape).astype(np.float32)
+                      for name, value in file_layout(cell).items()})
+    weights = str(folder / "micro-sd1.safetensors")
+    save_safetensors(state, weights)
+    return weights, config_path
+
+
+def file_layout(cell):
+    """`{name: ndarray}` of `cell`'s parameters as checkpoints store them: conv weights `[out, in, k, k]`, also
+    those the CPU path keeps as `[out, in*k*k]` (`ldm.modules.layers.Conv2d`)."""
+    from ldm.modules.layers import Conv2d
+
+    kernels = {name: c.kernel_size for name, c in cell.cells_and_names() if isinstance(c, Conv2d)}
+    state = {}
+    for name, param in cell.parameters_and_names():
+        value, (owner, _, leaf) = param.asnumpy(), name.rpartition(".")
+        if owner in kernels and leaf == "weight" and value.ndim == 2:
+            value = value.reshape(value.shape[0], -1, kernels[owner], kernels[owner])
+        state[name] = value
+    return state

@@ -18,9 +18,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_workers_equal_one_process(tmp_path, shared_graphs):
-    # the group's runs (the one-process run reuses their compiled gradient); global batch 2 on both sides
-    steps = ["--max_steps", "2", "--gradient_accumulation_steps", "2"]
+def test_two_workers_equal_one_process(tmp_path, micro_sd1):
+    # the micro model: each worker is a new process that compiles the training graph; global batch 2 on both sides
+    weights, config = micro_sd1
+    steps = ["--pretrained_model_path", weights, "--model_config", config, "--image_size", "32",
+             "--max_steps", "2", "--gradient_accumulation_steps", "2"]
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
            f"--log_dir={tmp_path / 'logs'}", "--join=True", "python", "train_textual_inversion.py",
            *run_argv(tmp_path / "dp", *steps, "--train_batch_size", "1", "--use_parallel", "true")]

@@ -31,7 +31,7 @@ from tests.conftest import session_graphs
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-sd1")
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "examples", "purple_star")
 TINY_YAML = "configs/train/train_config_textual_inversion_tiny.yaml"
-# The runs of this group (test_train, test_evaluate_ti, test_editability_study, test_parallel) train 2 vectors on
+# The runs of this group (test_train, test_evaluate_ti, test_editability_study) train 2 vectors on
 # batches of 2 64 px images: one training graph for all (`grad_fn`), compiled once.
 RUN_SHAPE = ["--image_size", "64", "--num_vectors", "2", "--train_batch_size", "2"]
 
