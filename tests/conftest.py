@@ -151,7 +151,7 @@ MICRO_SD1 = {"unet_config": dict(model_channels=8, attention_resolutions=[1], ch
 @pytest.fixture(scope="session")
 def micro_sd1(tmp_path_factory):
     """`(weights, model YAML)` of a micro SD1 with random weights (no zeros), written as an original single
-    file: for tests of mechanics that compile graphs of their own (msrun's workers)."""
+    file: for tests of mechanics that compile graphs of their own (msrun's workers, recompute)."""
     import numpy as np
     import yaml
 
