@@ -19,7 +19,7 @@ ms.set_device("CPU")
 GROUPS = {"test_evaluate_ti": "test_train", "test_editability_study": "test_train"}
 # The groups that take longest start first so that both workers finish at about the same time (`pytest
 # --durations=0`, summed per group).
-LONGEST_FIRST = ("test_toy_learning", "test_train", "test_sdxl_pipeline", "test_reference_models",
+LONGEST_FIRST = ("test_toy_learning", "test_train", "test_sdxl_pipeline", "test_parallel", "test_reference_models",
                  "test_text_to_image")
 
 
