@@ -151,6 +151,11 @@ class Trainer:
         if meta["placeholder"] != cfg.placeholder_token or state["vectors"].shape != self.vectors.shape:
             raise ConfigError(f"--resume {path} trained {meta['placeholder']} with vectors "
                               f"{state['vectors'].shape}; this run is {cfg.placeholder_token} {self.vectors.shape}")
+        # states written before clip_skip was recorded say nothing of it
+        trained_skip = meta.get("clip_skip", cfg.clip_skip)
+        if trained_skip != cfg.clip_skip:
+            raise ConfigError(f"--resume {path} trained with clip_skip {trained_skip}, this run has clip_skip "
+                              f"{cfg.clip_skip}; pass --clip_skip {trained_skip} to continue it")
         self.vectors = state["vectors"].astype(np.float32)
         self.optimizer.load_state_dict({"m": state["m"], "v": state["v"], "t": meta["adam_t"]})
         self.loss_scale.load_state_dict(meta["loss_scale"])
@@ -254,7 +259,8 @@ class Trainer:
         if self.sd.is_xl:
             save_a1111_safetensors(stem + ".safetensors", None, *sets)
         save_state(os.path.join(cfg.output_path, "state", f"train_state_{self.step:07d}.npz"), self.vectors,
-                   self.optimizer, self.loss_scale, self.step, self.rng, self.batches, cfg.placeholder_token)
+                   self.optimizer, self.loss_scale, self.step, self.rng, self.batches, cfg.placeholder_token,
+                   cfg.clip_skip)
         return stem + "_ti.ckpt"
 
     def validate(self):
@@ -461,9 +467,9 @@ def load_resume_state(resume, output_path):
                             "train without --resume into a new --output_path")
 
 
-def save_state(path, vectors, optimizer, loss_scale, step, rng, batches, placeholder):
+def save_state(path, vectors, optimizer, loss_scale, step, rng, batches, placeholder, clip_skip):
     meta = {"step": step, "loss_scale": loss_scale.state_dict(), "rng": rng.bit_generator.state,
-            "data": batches.state_dict(), "adam_t": optimizer.t, "placeholder": placeholder}
+            "data": batches.state_dict(), "adam_t": optimizer.t, "placeholder": placeholder, "clip_skip": clip_skip}
     with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, vectors=vectors, m=optimizer.m, v=optimizer.v, meta=json.dumps(meta))

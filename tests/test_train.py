@@ -139,7 +139,7 @@ def test_only_the_vectors_change(sd, batch, grad_fn):
     assert all(not p.requires_grad for c in cells.values() for p in c.get_parameters())
 
 
-def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog, shared_graphs):
+def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog, capsys, shared_graphs):
     common = ["--gradient_accumulation_steps", "2", "--scheduler", "linear", "--start_learning_rate", "5e-3",
               "--decay_steps", "4", "--ckpt_save_interval", "2", "--log_interval", "3"]
     validation = ["--validation_prompt", "a photo of <my-shape>", "--validation_steps", "4",
@@ -183,6 +183,11 @@ def test_train_script_outputs_and_resume_equals_uninterrupted(tmp_path, caplog, 
     assert [int(r[0]) for r in split_rows] == [2, 3, 4]
     assert [r[2] for r in split_rows[1:]] == [r[2] for r in rows]
     assert [float(r[1]) for r in split_rows[1:]] == pytest.approx([float(r[1]) for r in rows], rel=1e-5)
+    # another clip_skip would go on training for other features: refused, and the run's files are as they were
+    before = {f: (tmp_path / "split" / f).read_bytes() for f in ("loss_log.csv", "train_config_resolved.yaml")}
+    _expect_error(capsys, run(tmp_path, *common, "--max_steps", "6", "--resume", "latest", "--clip_skip", "2",
+                              output="split"), "trained with clip_skip 1, this run has clip_skip 2", "--clip_skip 1")
+    assert {f: (tmp_path / "split" / f).read_bytes() for f in before} == before
 
     # the newest state cut short (disk full, a killed copy): latest resumes from the readable one before it
     newest = tmp_path / "split" / "state" / "train_state_0000004.npz"
