@@ -320,9 +320,12 @@ def run_name(version):
 
 def load_models(cfg):
     """The frozen SD with the placeholder tokens added, their ids, and the initial vectors `[N, D]`."""
-    weights = cfg.pretrained_model_path
+    weights, keys = cfg.pretrained_model_path, "pretrained_model_path"
     if weights and cfg.pretrained_model_file:
-        weights = os.path.join(weights, cfg.pretrained_model_file)
+        weights, keys = os.path.join(weights, cfg.pretrained_model_file), keys + " + pretrained_model_file"
+    if weights and not os.path.exists(weights):
+        raise ConfigError(f"{keys}: {weights} does not exist; name a weights file or diffusers folder, or leave "
+                          "pretrained_model_path unset for models/ and the Hub")
     sd = StableDiffusion.load(cfg.version, weights, cfg.model_config, cfg.dtype, clip_skip=cfg.clip_skip,
                               use_ema=cfg.extract_ema)
     if cfg.recompute:

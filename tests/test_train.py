@@ -286,6 +286,8 @@ def _expect_error(capsys, code, *needles):
     (["--placeholder_token", "cat"], ["'cat'", "already exists"]),
     (["--model_config", "configs/v2-inference.yaml"], ["tiny-sd1", "2.x"]),
     (["--train_data_dir", "does/not/exist"], ["does/not/exist"]),
+    (["--pretrained_model_path", "no/sd.safetensors"], ["pretrained_model_path: no/sd.safetensors does not exist"]),
+    (["--pretrained_model_file", "sd.ckpt"], [f"pretrained_model_path + pretrained_model_file: {FIXTURE}/sd.ckpt"]),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needles):
     code = run(tmp_path, "--max_steps", "1", *args)
