@@ -34,6 +34,14 @@ SIZE_FLAGS = {"original_size": ("the image size", ("H", "W")), "crops_coords_top
               "target_size": ("the image size", ("H", "W"))}
 
 
+def _version_scales():
+    """'7.5 for 1.5, tiny; 9.0 for 2.0, ...': each default guidance scale and the versions that have it."""
+    scales = {}
+    for v in VERSIONS.values():
+        scales.setdefault(v.guidance_scale, []).append(v.name)
+    return "; ".join(f"{scale} for {', '.join(names)}" for scale, names in scales.items())
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--version", "-v", default="1.5", choices=list(VERSIONS), help="Stable Diffusion version")
@@ -55,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--H", type=int, default=None, help="height in pixels (default: the version's)")
     p.add_argument("--W", type=int, default=None, help="width in pixels (default: the version's)")
     p.add_argument("--scale", type=float, default=None,
-                   help="guidance scale (default 7.5 for 1.x, 9.0 for 2.x, 5.0 for SDXL)")
+                   help=f"guidance scale (default: the version's, {_version_scales()})")
     for flag, (default, metavar) in SIZE_FLAGS.items():
         p.add_argument(f"--{flag}", type=int, nargs=2, default=None, metavar=metavar,
                        help=f"SDXL's {flag} conditioning (default: {default})")
