@@ -15,12 +15,13 @@ ms.set_device("CPU")
 # pytest.ini runs the suite on two pytest-xdist workers, each taking whole groups. Most of a test's time is
 # MindSpore compiling graphs, which uses one core, and a group's tests share what its worker compiled:
 # a module's fixtures, and the training runs' graphs through `shared_graphs`. A module is a group, except
-# those that train on the tiny SD1 fixture as test_train does.
-GROUPS = {"test_evaluate_ti": "test_train", "test_editability_study": "test_train"}
+# those that train on the tiny SD1 fixture as test_train does, and test_reference_models, which runs
+# test_text_to_image's pipelines.
+GROUPS = {"test_evaluate_ti": "test_train", "test_editability_study": "test_train",
+          "test_reference_models": "test_text_to_image"}
 # The groups that take longest start first so that both workers finish at about the same time (`pytest
 # --durations=0`, summed per group).
-LONGEST_FIRST = ("test_toy_learning", "test_train", "test_sdxl_pipeline", "test_parallel", "test_reference_models",
-                 "test_text_to_image")
+LONGEST_FIRST = ("test_toy_learning", "test_train", "test_sdxl_pipeline", "test_text_to_image", "test_parallel")
 
 
 def _group(item):

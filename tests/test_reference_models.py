@@ -12,8 +12,7 @@ import pytest
 
 from ldm.checkpoint_io import CheckpointError
 from ldm.convert import PARTS, load_into, load_pretrained
-from ldm.models import build_models
-from ldm.pipeline import VAEGraph
+from tests.test_text_to_image import TINY_SD1, TINY_SD2_V, pipeline
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 SOURCES = {
@@ -23,19 +22,23 @@ SOURCES = {
 TOLERANCE = 1e-4
 
 
+# The cells test_text_to_image samples with (tiny-sd2-v holds tiny-sd2's weights), whose graphs it compiles at
+# the references' shapes; each test here loads them again from every layout, the same numbers
+PIPELINES = {"tiny-sd1": TINY_SD1, "tiny-sd2": TINY_SD2_V}
+
+
 @pytest.fixture(scope="module")
 def models():
-    """Per flavour, built once: (config, {part: cell}, runners, reference arrays)."""
+    """Per flavour: (config, {part: cell}, runners, reference arrays)."""
     cache = {}
 
     def get(flavour):
         if flavour not in cache:
             cfg = load_pretrained(os.path.join(FIXTURES, flavour))[0]
-            unet, vae, text = build_models(cfg)
-            runners = {"unet": unet, "text_encoder": text, "encode": VAEGraph(vae, decode=False),
-                       "decode": VAEGraph(vae, decode=True)}
+            sd = pipeline(PIPELINES[flavour])
+            runners = {"unet": sd.unet, "text_encoder": sd.text_encoder, "encode": sd._encode, "decode": sd._decode}
             ref = dict(np.load(os.path.join(FIXTURES, flavour + "-reference.npz")))
-            cache[flavour] = (cfg, dict(zip(PARTS, (unet, vae, text))), runners, ref)
+            cache[flavour] = (cfg, dict(zip(PARTS, (sd.unet, sd.vae, sd.text_encoder))), runners, ref)
         return cache[flavour]
 
     return get
@@ -65,7 +68,9 @@ def test_every_layout_loads_strictly_and_matches_diffusers(models, flavour, sour
         load_into(cell, parts[part], part, source)
 
     hidden = run["text_encoder"](ms.Tensor(ref["input_ids"])).asnumpy()
-    out = run["unet"](ms.Tensor(ref["unet_x"]), ms.Tensor(ref["unet_t"]), ms.Tensor(ref["unet_context"])).asnumpy()
+    # with the pipeline's arguments (y None), so that it runs the graph the pipeline compiled
+    out = run["unet"](ms.Tensor(ref["unet_x"]), ms.Tensor(ref["unet_t"]), ms.Tensor(ref["unet_context"]),
+                      None).asnumpy()
     mean, logvar = run["encode"](ms.Tensor(ref["vae_x"]))
     decoded = run["decode"](ms.Tensor(ref["vae_z"])).asnumpy()
     diffs = {"text": _max_diff(hidden, ref["text_hidden"]), "unet": _max_diff(out, ref["unet_out"]),

@@ -42,17 +42,22 @@ def ref():
     return dict(np.load(os.path.join(FIXTURES, "pipelines.npz")))
 
 
+# Model folder -> StableDiffusion, loaded once per worker through the real `StableDiffusion.load`.
+# test_reference_models checks these cells against diffusers' outputs at the shapes sampled here (it is in
+# this group), so the UNet and VAE graphs compile once for both modules.
+_PIPELINES = {}
+
+
+def pipeline(path):
+    if path not in _PIPELINES:
+        _PIPELINES[path] = LOAD(VERSIONS[path], path)
+    return _PIPELINES[path]
+
+
 @pytest.fixture(scope="module")
 def models():
-    """Model folder -> StableDiffusion, loaded once through the real `StableDiffusion.load`."""
-    cache = {}
-
-    def get(path):
-        if path not in cache:
-            cache[path] = LOAD(VERSIONS[path], path)
-        return cache[path]
-
-    return get
+    """`pipeline`, for the tests."""
+    return pipeline
 
 
 @pytest.fixture
