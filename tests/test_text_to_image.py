@@ -54,14 +54,8 @@ def pipeline(path):
     return _PIPELINES[path]
 
 
-@pytest.fixture(scope="module")
-def models():
-    """`pipeline`, for the tests."""
-    return pipeline
-
-
 @pytest.fixture
-def cli(models, monkeypatch):
+def cli(monkeypatch):
     """text_to_image.main, with `StableDiffusion.load` handing out the module's already compiled cells.
 
     Each call still gets its own StableDiffusion with a fresh tokenizer and no placeholders, as a real
@@ -71,7 +65,7 @@ def cli(models, monkeypatch):
 
     def load(version, weights=None, model_config=None, dtype="fp32", clip_skip=1, use_ema=False):
         assert clip_skip == 1, "the shared text encoder is compiled without clip skip"
-        sd = fresh_copy(models(weights))
+        sd = fresh_copy(pipeline(weights))
         loads.append(((version, weights, model_config, dtype, use_ema), sd))
         return sd
 
@@ -90,8 +84,8 @@ def _max_diff(a, b):
 
 @pytest.mark.parametrize("path", [TINY_SD1, TINY_SD2_V], ids=["eps", "v"])
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_sampling_matches_diffusers(models, ref, path, sampler):
-    sd = models(path)
+def test_sampling_matches_diffusers(ref, path, sampler):
+    sd = pipeline(path)
     key = f"{os.path.basename(path)}.{sampler}"
     latents = initial_latents(int(ref["seed"]), N, SIZE, SIZE, factor=sd.latent_factor)
     images, z = sd.sample([str(ref["prompt"])] * N, latents, sampler=sampler, steps=int(ref["steps"]),
