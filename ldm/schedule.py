@@ -5,7 +5,7 @@ holds float32 copies as Tensors so that the forward process and the v target can
 sample inside a MindSpore graph.
 """
 import numpy as np
-from mindspore import nn, Tensor
+from mindspore import nn, ops, Tensor
 
 
 def make_betas(linear_start=0.00085, linear_end=0.012, timesteps=1000):
@@ -37,9 +37,9 @@ class NoiseSchedule(nn.Cell):
         return cls(make_alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.timesteps))
 
     def _coefficients(self, x, t):
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        return (self.sqrt_alphas_cumprod[t].reshape(shape).astype(x.dtype),
-                self.sqrt_one_minus_alphas_cumprod[t].reshape(shape).astype(x.dtype))
+        shape = (-1,) + (1,) * (len(ops.shape(x)) - 1)
+        return (ops.cast(ops.reshape(ops.gather(self.sqrt_alphas_cumprod, t, 0), shape), x.dtype),
+                ops.cast(ops.reshape(ops.gather(self.sqrt_one_minus_alphas_cumprod, t, 0), shape), x.dtype))
 
     def add_noise(self, x0, noise, t):
         a, s = self._coefficients(x0, t)

@@ -2,7 +2,8 @@
 import mindspore as ms
 from mindspore import nn, ops
 
-from ldm.modules.layers import Attention, Linear, Conv2d, GroupNorm, LayerNorm, Identity, gelu, zero_
+from ldm.modules.layers import (Attention, Linear, Conv2d, GroupNorm, LayerNorm, Identity, gelu, merge_heads,
+                               split_heads, zero_)
 
 
 class CrossAttention(nn.Cell):
@@ -19,21 +20,12 @@ class CrossAttention(nn.Cell):
         self.to_v = Linear(context_dim, inner_dim, bias=False, dtype=dtype)
         self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim, dtype=dtype), Identity()])
 
-    def _split_heads(self, x):
-        b, n, c = x.shape
-        return x.reshape(b, n, self.heads, c // self.heads).transpose(0, 2, 1, 3).reshape(
-            b * self.heads, n, c // self.heads)
-
     def construct(self, x, context=None):
         context = x if context is None else context
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
-        out = self.attention(q, k, v)
-        bh, n, d = out.shape
-        out = out.reshape(bh // self.heads, self.heads, n, d).transpose(0, 2, 1, 3).reshape(
-            bh // self.heads, n, self.heads * d)
-        return self.to_out(out)
+        q = split_heads(self.to_q(x), self.heads)
+        k = split_heads(self.to_k(context), self.heads)
+        v = split_heads(self.to_v(context), self.heads)
+        return self.to_out(merge_heads(self.attention(q, k, v), self.heads))
 
 
 class GEGLU(nn.Cell):
@@ -98,19 +90,19 @@ class SpatialTransformer(nn.Cell):
              for _ in range(depth)])
 
     def construct(self, x, context):
-        b, c, h, w = x.shape
+        b, c, h, w = ops.shape(x)
         x_in = x
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.reshape(b, x.shape[1], h * w).transpose(0, 2, 1)
+        x = ops.transpose(ops.reshape(x, (b, -1, h * w)), (0, 2, 1))
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(0, 2, 1).reshape(b, x.shape[2], h, w)
+        x = ops.reshape(ops.transpose(x, (0, 2, 1)), (b, -1, h, w))
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

@@ -42,14 +42,14 @@ class AttnBlock(nn.Cell):
         self.attention = Attention(channels ** -0.5)
 
     def construct(self, x):
-        b, c, h, w = x.shape
+        b, c, h, w = ops.shape(x)
         hn = self.norm(x)
 
         def tokens(t):
-            return t.reshape(b, c, h * w).transpose(0, 2, 1)
+            return ops.transpose(ops.reshape(t, (b, c, h * w)), (0, 2, 1))
 
         out = self.attention(tokens(self.q(hn)), tokens(self.k(hn)), tokens(self.v(hn)))
-        return x + self.proj_out(out.transpose(0, 2, 1).reshape(b, c, h, w))
+        return x + self.proj_out(ops.reshape(ops.transpose(out, (0, 2, 1)), (b, c, h, w)))
 
 
 class Downsample(nn.Cell):
@@ -178,12 +178,12 @@ class AutoencoderKL(nn.Cell):
         self.post_quant_conv = Conv2d(embed_dim, z_channels, 1, dtype=dtype)
 
     def encode(self, x):
-        moments = self.quant_conv(self.encoder(x.astype(self.dtype))).astype(ms.float32)
+        moments = ops.cast(self.quant_conv(self.encoder(ops.cast(x, self.dtype))), ms.float32)
         mean, logvar = ops.chunk(moments, 2, axis=1)
         return mean, ops.clamp(logvar, -30.0, 20.0)
 
     def decode(self, z):
-        return self.decoder(self.post_quant_conv(z.astype(self.dtype))).astype(z.dtype)
+        return ops.cast(self.decoder(self.post_quant_conv(ops.cast(z, self.dtype))), z.dtype)
 
     def construct(self, x):
         mean, _ = self.encode(x)

@@ -19,7 +19,7 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer, Normal
 
 from ldm.errors import ModelConfigError, UserInputError
-from ldm.modules.layers import Linear, LayerNorm, attention, gelu, quick_gelu
+from ldm.modules.layers import Linear, LayerNorm, attention, gelu, merge_heads, quick_gelu, split_heads
 
 EOS_TOKEN_ID = 49407   # <|endoftext|>, the same id in OpenAI's and OpenCLIP's vocabulary
 LAYERS = ("last", "penultimate")
@@ -52,12 +52,12 @@ class CLIPTextEmbeddings(nn.Cell):
             # never written and only the selected extra rows receive gradient.
             is_extra = input_ids >= self.vocab_size
             table_ids = ops.where(is_extra, ops.zeros_like(input_ids), input_ids)
-            extra_ids = ops.clamp(input_ids - self.vocab_size, 0, extra_embeddings.shape[0] - 1)
-            tokens = ops.where(is_extra[..., None],
-                               ops.gather(extra_embeddings.astype(ms.float32), extra_ids, 0),
+            extra_ids = ops.clamp(input_ids - self.vocab_size, 0, ops.shape(extra_embeddings)[0] - 1)
+            tokens = ops.where(ops.expand_dims(is_extra, 2),
+                               ops.gather(ops.cast(extra_embeddings, ms.float32), extra_ids, 0),
                                self.token_embedding(table_ids))
-        length = input_ids.shape[1]
-        return tokens + self.position_embedding.weight[:length][None]
+        length = ops.shape(input_ids)[1]
+        return tokens + ops.expand_dims(self.position_embedding.weight[:length], 0)
 
 
 class CLIPAttention(nn.Cell):
@@ -70,17 +70,11 @@ class CLIPAttention(nn.Cell):
         self.v_proj = Linear(width, width, dtype=dtype)
         self.out_proj = Linear(width, width, dtype=dtype)
 
-    def _split_heads(self, x):
-        b, n, c = x.shape
-        return x.reshape(b, n, self.heads, c // self.heads).transpose(0, 2, 1, 3).reshape(
-            b * self.heads, n, c // self.heads)
-
     def construct(self, x, mask):
-        b, n, c = x.shape
-        out = attention(self._split_heads(self.q_proj(x)), self._split_heads(self.k_proj(x)),
-                        self._split_heads(self.v_proj(x)), self.scale, mask)
-        out = out.reshape(b, self.heads, n, c // self.heads).transpose(0, 2, 1, 3).reshape(b, n, c)
-        return self.out_proj(out)
+        q = split_heads(self.q_proj(x), self.heads)
+        k = split_heads(self.k_proj(x), self.heads)
+        v = split_heads(self.v_proj(x), self.heads)
+        return self.out_proj(merge_heads(attention(q, k, v, self.scale, mask), self.heads))
 
 
 class CLIPMLP(nn.Cell):
@@ -120,9 +114,9 @@ class CLIPEncoder(nn.Cell):
 def first_eos(x, input_ids):
     """`[B, L, D]` -> `[B, D]` float32: each row's hidden state at its first `<|endoftext|>`. Not by argmax
     over the ids (OpenCLIP, HF): a placeholder id above 49407 would win."""
-    is_eos = (input_ids == EOS_TOKEN_ID).astype(ms.float32)
-    first = is_eos * (ops.cumsum(is_eos, 1) == 1).astype(ms.float32)
-    return (first[..., None] * x.astype(ms.float32)).sum(1)
+    is_eos = ops.cast(input_ids == EOS_TOKEN_ID, ms.float32)
+    first = is_eos * ops.cast(ops.cumsum(is_eos, 1) == 1, ms.float32)
+    return ops.sum(ops.expand_dims(first, 2) * ops.cast(x, ms.float32), 1)
 
 
 class CLIPTextTransformer(nn.Cell):
@@ -143,13 +137,13 @@ class CLIPTextTransformer(nn.Cell):
     def construct(self, input_ids, extra_embeddings=None):
         """The context `[B, L, D]`, and with `pooled` also `final_layer_norm(all layers)` at each row's
         first `<|endoftext|>` `[B, D]` (HF's pooler_output), float32."""
-        length = input_ids.shape[1]
+        length = ops.shape(input_ids)[1]
         mask = self.causal_mask[:length, :length]
-        x = self.embeddings(input_ids, extra_embeddings).astype(self.dtype)
+        x = ops.cast(self.embeddings(input_ids, extra_embeddings), self.dtype)
         # indexed, not sliced: a slice of a CellList is a new CellList that renames the layers' parameters
         for i in range(self.context_layers):
             x = self.encoder.layers[i](x, mask)
-        context = (self.final_layer_norm(x) if self.normed_context else x).astype(ms.float32)
+        context = ops.cast(self.final_layer_norm(x) if self.normed_context else x, ms.float32)
         if not self.pooled:
             return context
         for i in range(self.context_layers, len(self.encoder.layers)):
@@ -196,4 +190,4 @@ class CLIPTextModel(nn.Cell):
         if self.text_projection is None:
             return self.text_model(input_ids, extra_embeddings)
         context, pooled = self.text_model(input_ids, extra_embeddings)
-        return context, self.text_projection(pooled).astype(ms.float32)
+        return context, ops.cast(self.text_projection(pooled), ms.float32)

@@ -22,7 +22,7 @@ def timestep_frequencies(dim, max_period=10000):
 
 def timestep_embedding(timesteps, freqs):
     """`[B]` timesteps -> `[B, 2 * len(freqs)]` float32 embedding, cos half first."""
-    args = timesteps.astype(ms.float32)[:, None] * freqs[None, :]
+    args = ops.expand_dims(ops.cast(timesteps, ms.float32), 1) * ops.expand_dims(freqs, 0)
     return ops.cat([ops.cos(args), ops.sin(args)], axis=-1)
 
 
@@ -51,7 +51,7 @@ class ResBlock(nn.Cell):
 
     def construct(self, x, emb):
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = h + ops.expand_dims(ops.expand_dims(self.emb_layers(emb), 2), 3)
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -167,11 +167,11 @@ class UNetModel(nn.Cell):
             block.recompute()
 
     def construct(self, x, timesteps, context, y=None):
-        emb = self.time_embed(timestep_embedding(timesteps, self.freqs).astype(self.dtype))
+        emb = self.time_embed(ops.cast(timestep_embedding(timesteps, self.freqs), self.dtype))
         if self.label_emb is not None:
-            emb = emb + self.label_emb(y.astype(self.dtype))
-        context = context.astype(self.dtype)
-        h = x.astype(self.dtype)
+            emb = emb + self.label_emb(ops.cast(y, self.dtype))
+        context = ops.cast(context, self.dtype)
+        h = ops.cast(x, self.dtype)
         hs = []
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -180,4 +180,4 @@ class UNetModel(nn.Cell):
         # skips are consumed last-in first-out (indexing: list.pop does not compile in graph mode)
         for i in range(len(self.output_blocks)):
             h = self.output_blocks[i](ops.cat([h, hs[len(hs) - 1 - i]], axis=1), emb, context)
-        return self.out(h).astype(x.dtype)
+        return ops.cast(self.out(h), x.dtype)

@@ -25,6 +25,6 @@ class TextualInversionLoss(nn.Cell):
     def construct(self, vectors, latents, input_ids, noise, timesteps, loss_scale, size_ids=None):
         context, y = self.conditioner(input_ids, vectors, size_ids)
         noisy = self.schedule.add_noise(latents, noise, timesteps)
-        pred = self.unet(noisy, timesteps, context, y).astype(ms.float32)
+        pred = ops.cast(self.unet(noisy, timesteps, context, y), ms.float32)
         target = self.schedule.v_target(latents, noise, timesteps) if self.v_prediction else noise
         return ops.mean((pred - target) ** 2) * loss_scale
