@@ -25,11 +25,11 @@ class CLIPVisionEmbeddings(nn.Cell):
         self.position_embedding = Embedding((image_size // patch_size) ** 2 + 1, width)
 
     def construct(self, pixel_values):
-        patches = self.patch_embedding(pixel_values).astype(ms.float32)
-        b, d = patches.shape[0], patches.shape[1]
-        patches = patches.reshape(b, d, -1).transpose(0, 2, 1)
-        cls = ops.broadcast_to(self.class_embedding.reshape(1, 1, d), (b, 1, d))
-        return ops.concat((cls, patches), 1) + self.position_embedding.weight[None]
+        patches = ops.cast(self.patch_embedding(pixel_values), ms.float32)
+        b, d, _, _ = ops.shape(patches)
+        patches = ops.transpose(ops.reshape(patches, (b, d, -1)), (0, 2, 1))
+        cls = ops.broadcast_to(ops.reshape(self.class_embedding, (1, 1, d)), (b, 1, d))
+        return ops.concat((cls, patches), 1) + ops.expand_dims(self.position_embedding.weight, 0)
 
 
 class CLIPVisionTransformer(nn.Cell):
@@ -44,10 +44,10 @@ class CLIPVisionTransformer(nn.Cell):
 
     def construct(self, pixel_values):
         """HF's pooler_output `[B, D]` float32: the class token of the last layer through `post_layernorm`."""
-        x = self.pre_layrnorm(self.embeddings(pixel_values)).astype(self.dtype)
+        x = ops.cast(self.pre_layrnorm(self.embeddings(pixel_values)), self.dtype)
         for i in range(len(self.encoder.layers)):
             x = self.encoder.layers[i](x, None)
-        return self.post_layernorm(x[:, 0].astype(ms.float32))
+        return self.post_layernorm(ops.cast(x[:, 0], ms.float32))
 
 
 class CLIPVisionModelWithProjection(nn.Cell):
@@ -63,4 +63,4 @@ class CLIPVisionModelWithProjection(nn.Cell):
         self.visual_projection = Linear(width, projection_dim, bias=False, dtype=dtype)
 
     def construct(self, pixel_values):
-        return self.visual_projection(self.vision_model(pixel_values)).astype(ms.float32)
+        return ops.cast(self.visual_projection(self.vision_model(pixel_values)), ms.float32)

@@ -29,8 +29,9 @@ def timestep_embedding(timesteps, freqs):
 def size_embedding(time_ids, dim):
     """SDXL's size/crop conditioning: `[B, K]` "time ids" -> `[B, K * dim]` float32, each id through the
     timestep sinusoid (sgm ConcatTimestepEmbedderND; diffusers' add_time_proj)."""
-    b, k = time_ids.shape
-    return timestep_embedding(time_ids.reshape(-1), Tensor(timestep_frequencies(dim))).reshape(b, k * dim)
+    b, k = ops.shape(time_ids)
+    embedding = timestep_embedding(ops.reshape(time_ids, (-1,)), Tensor(timestep_frequencies(dim)))
+    return ops.reshape(embedding, (b, k * dim))
 
 
 class ResBlock(nn.Cell):
