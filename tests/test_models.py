@@ -1,4 +1,4 @@
-"""ldm.models / the model cells: YAML configs, tiny models in both modes, names, placeholder embeddings.
+"""ldm.models / the model cells: YAML configs, tiny models, names, placeholder embeddings.
 
 Numerical parity with diffusers/transformers (full-size names and shapes, tiny random-weight outputs)
 was checked once in the dev venv; these tests pin what can be checked without torch.
@@ -159,25 +159,16 @@ def test_linear_projection_flavour():
     assert unet.middle_block[1].transformer_blocks[0].attn1.heads == 2  # 16 channels / 8 per head
 
 
-def test_tiny_models_pynative_and_graph_agree(tiny):
-    inp = _inputs()
-    ctx, eps, mean, logvar, dec = _run(tiny, inp)
+def test_tiny_models_run(tiny):
+    """Output shapes and starting values. That graph mode computes what PyNative does is test_reference_models':
+    it runs the fixtures' UNet, VAE and text encoder in both modes against diffusers' outputs, and graph mode's
+    compile would cost this module more than all its other tests together."""
+    ctx, eps, mean, logvar, dec = _run(tiny, _inputs())
     assert ctx.shape == (2, 6, 12) and eps.shape == (2, 4, 8, 8)
     assert mean.shape == logvar.shape == (1, 4, 8, 8) and dec.shape == (1, 3, 16, 16)
     # fresh models: the zero-initialised output conv makes the UNet output exactly zero
     assert np.all(eps == 0)
     assert logvar.min() >= -30 and logvar.max() <= 20
-    unet = tiny[0]
-    unet.out[2].weight.set_data(Tensor(np.full(unet.out[2].weight.shape, 0.01, np.float32)))
-    eps = unet(inp["x"], inp["t"], Tensor(ctx)).asnumpy()
-    assert eps.std() > 0
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:
-        graph = _run(tiny, inp)
-    finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
-    for a, b in zip((ctx, eps, mean, logvar, dec), graph):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_logvar_is_clamped(tiny):
