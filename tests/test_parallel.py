@@ -18,6 +18,11 @@ def free_port():
         return s.getsockname()[1]
 
 
+def all_cpus():
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(os.cpu_count()))
+
+
 def test_two_workers_equal_one_process(tmp_path, micro_sd1):
     # the micro model: each worker is a new process that compiles the training graph; global batch 2 on both sides
     weights, config = micro_sd1
@@ -26,7 +31,8 @@ def test_two_workers_equal_one_process(tmp_path, micro_sd1):
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
            f"--log_dir={tmp_path / 'logs'}", "--join=True", "python", "train_textual_inversion.py",
            *run_argv(tmp_path / "dp", *steps, "--train_batch_size", "1", "--use_parallel", "true")]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # on every CPU, not only this test worker's (conftest pins it): msrun's two workers wait on each other
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=all_cpus)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     # only rank 0 writes
     assert sorted(os.listdir(tmp_path / "dp" / "weights")) == ["SDv1.5_textual_inversion_2_ti.ckpt"]
