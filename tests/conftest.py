@@ -8,14 +8,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+# the process's CPUs before `_pin_worker`: for test subprocesses that must not share one worker's core
+ALL_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 def _pin_worker():
     """An xdist worker runs on its own share of the CPUs. MindSpore runs a graph on two threads that keep
     polling for work, so two unpinned workers take time from each other's computing: two toy training runs at
     once took 7.0 and 8.8 s for 30 steps, pinned to a core each 4.9 and 5.5 s (2-core Xeon, 2026-12-08)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker or not hasattr(os, "sched_setaffinity"):
+    if not worker or ALL_CPUS is None:
         return
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = ALL_CPUS
     index, count = int(worker[2:]), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     share = cpus[index::count] or [cpus[index % len(cpus)]]
     os.sched_setaffinity(0, share)

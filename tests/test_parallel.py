@@ -7,6 +7,7 @@ import subprocess
 import numpy as np
 
 from ldm.embeddings import load_embedding
+from tests.conftest import ALL_CPUS
 from tests.test_train import run, run_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,8 +20,8 @@ def free_port():
 
 
 def all_cpus():
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, range(os.cpu_count()))
+    if ALL_CPUS is not None:
+        os.sched_setaffinity(0, ALL_CPUS)
 
 
 def test_two_workers_equal_one_process(tmp_path, micro_sd1):
