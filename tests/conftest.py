@@ -19,9 +19,8 @@ def _pin_worker():
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker or ALL_CPUS is None:
         return
-    cpus = ALL_CPUS
     index, count = int(worker[2:]), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    share = cpus[index::count] or [cpus[index % len(cpus)]]
+    share = ALL_CPUS[index::count] or [ALL_CPUS[index % len(ALL_CPUS)]]
     os.sched_setaffinity(0, share)
 
 

@@ -107,16 +107,15 @@ class Conv2d(nn.Cell):
         weight = ops.cast(self.weight, self.dtype)
         if self.im2col:
             b, c, h, w = ops.shape(x)
+            k = c * self.kernel_size * self.kernel_size
             if self.pointwise:
-                cols = ops.reshape(x, (b, c, h * w))
+                cols = ops.reshape(x, (b, k, h * w))
                 oh, ow = h, w
             else:
-                # unfold orders rows channel-major then kernel row/col: the layout of weight.reshape(out, -1)
-                cols = self.unfold(x)
                 oh = (h + 2 * self.padding - self.kernel_size) // self.stride + 1
                 ow = (w + 2 * self.padding - self.kernel_size) // self.stride + 1
-                cols = ops.reshape(cols, (b, c * self.kernel_size * self.kernel_size, oh * ow))
-            k = c * self.kernel_size * self.kernel_size
+                # unfold orders rows channel-major then kernel row/col: the layout of weight.reshape(out, -1)
+                cols = ops.reshape(self.unfold(x), (b, k, oh * ow))
             if b == 1:
                 y = ops.reshape(self.matmul(weight, ops.reshape(cols, (k, oh * ow))), (1, self.out_channels, oh, ow))
             elif oh * ow < self.out_channels:
@@ -127,7 +126,7 @@ class Conv2d(nn.Cell):
                 y = ops.reshape(ops.transpose(ops.reshape(y, (self.out_channels, b, oh * ow)), (1, 0, 2)),
                                 (b, self.out_channels, oh, ow))
             else:
-                y = ops.reshape(self.bmm(ops.broadcast_to(weight, (b,) + self.weight.shape), cols),
+                y = ops.reshape(self.bmm(ops.broadcast_to(weight, (b, self.out_channels, k)), cols),
                                 (b, self.out_channels, oh, ow))
         else:
             y = ops.conv2d(x, weight, stride=self.stride, pad_mode="pad", padding=self.padding)
